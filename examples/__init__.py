@@ -1,0 +1,1 @@
+"""Example user objectives, importable as `examples.<module>:<function>`."""

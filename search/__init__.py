@@ -1,0 +1,43 @@
+"""search: Optuna-based hyperparameter search for PyTorch training, from one box to a fleet."""
+
+from __future__ import annotations
+
+from search.checkpoint import Checkpoint
+from search.exceptions import (
+    EarlyStopped,
+    ObjectiveError,
+    Preempted,
+    SearchError,
+    SpecError,
+    StopTrial,
+    StorageError,
+    StudyConflictError,
+    StudyNotFoundError,
+    TrialLost,
+)
+from search.spec import StudySpec, load_spec
+from search.storage import mask_url, open_storage, resolve_storage_url
+from search.study import create_or_load_study, load_study
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "EarlyStopped",
+    "ObjectiveError",
+    "Preempted",
+    "SearchError",
+    "SpecError",
+    "StopTrial",
+    "StorageError",
+    "StudyConflictError",
+    "StudyNotFoundError",
+    "StudySpec",
+    "TrialLost",
+    "create_or_load_study",
+    "load_spec",
+    "load_study",
+    "mask_url",
+    "open_storage",
+    "resolve_storage_url",
+]

@@ -1,0 +1,311 @@
+"""The `search` command line: launch, worker, create, status.
+
+Exit codes: 0 success; 1 unexpected failure (a bug: rerun with --debug for the traceback);
+2 bad input or an error `search` explains in one line (spec, storage, study conflict);
+130 interrupted (Ctrl-C / SIGTERM) after handing running trials back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from search.exceptions import SearchError
+
+app = typer.Typer(
+    name="search",
+    help="Hyperparameter search for PyTorch training with Optuna: one machine or a GPU fleet.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+StorageOption = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        metavar="URL",
+        help="Database URL: sqlite:///FILE or postgresql://USER:PASSWORD@HOST:PORT/DB. "
+        "Default: $SEARCH_STORAGE, then the study file's `storage`, then sqlite:///search.db.",
+    ),
+]
+CheckpointOption = Annotated[
+    str | None,
+    typer.Option(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="Save a checkpoint per trial each epoch here (shared across machines) so a retried "
+        "trial resumes; overrides the spec's workers.checkpoint_dir.",
+    ),
+]
+
+
+@app.callback()
+def _main(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks and debug logs.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+    _configure_logging(debug)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except SearchError as e:
+        if _state["debug"]:
+            raise
+        err_console.print(f"Error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def launch(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study file (YAML).")],
+    storage: StorageOption = None,
+    n_trials: Annotated[
+        int | None,
+        typer.Option(
+            "--n-trials",
+            min=1,
+            help="Finished trials (complete + pruned) to reach; default: the spec's n_trials.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Worker processes on this machine. Default: one per visible "
+            "GPU, else half the CPU cores.",
+        ),
+    ] = None,
+    workers_per_gpu: Annotated[
+        int, typer.Option("--workers-per-gpu", min=1, help="Workers sharing each GPU.")
+    ] = 1,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            "--gpus",
+            metavar="IDS",
+            help="Comma-separated GPU ids to use, e.g. 0,2. Default: all visible GPUs.",
+        ),
+    ] = None,
+    checkpoint_dir: CheckpointOption = None,
+    log_dir: Annotated[
+        Path | None,
+        typer.Option("--log-dir", help="Per-worker logs. Default: search-logs/<study>."),
+    ] = None,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Show the live progress bar.")
+    ] = True,
+) -> None:
+    """Create the study (or continue it) and run workers on this machine until it is done."""
+    from search.launch import Launcher, plan_workers, visible_gpus
+    from search.report import best_summary, progress_display
+    from search.spec import load_spec
+    from search.storage import mask_url, open_storage, resolve_storage_url
+    from search.study import create_or_load_study
+
+    with _errors():
+        spec = load_spec(spec_path)
+        url = resolve_storage_url(storage, spec.storage)
+        study = create_or_load_study(spec, open_storage(url), n_trials=n_trials)
+        gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else visible_gpus()
+        plans = plan_workers(workers=workers, gpus=gpu_ids, workers_per_gpu=workers_per_gpu)
+        err_console.print(
+            f"Study [bold]{spec.name}[/] in {mask_url(url)}: "
+            f"{len(plans)} worker(s) on {plans[0].device}"
+            + (
+                f" (GPUs {','.join(p.env['CUDA_VISIBLE_DEVICES'] for p in plans)})"
+                if gpu_ids
+                else ""
+            ),
+            highlight=False,
+        )
+        launcher = Launcher(
+            study,
+            url,
+            plans,
+            log_dir=log_dir or Path("search-logs") / spec.name,
+            checkpoint_dir=checkpoint_dir,
+            debug=_state["debug"],
+        )
+        try:
+            with progress_display(enabled=progress, console=err_console) as on_progress:
+                final = launcher.run(on_progress=on_progress)
+        except KeyboardInterrupt:
+            err_console.print("Interrupted: workers stopped, running trials handed back.")
+            raise typer.Exit(130) from None
+        console.print(best_summary(study, final))
+        if not final.done:
+            raise SearchError(
+                f"workers stopped with {final.finished} of {final.n_trials} trials finished; "
+                f"see the logs in {launcher.children[0].log_path.parent}"
+            )
+
+
+@app.command()
+def worker(
+    study_name: Annotated[str, typer.Argument(metavar="STUDY", help="Name of an existing study.")],
+    storage: StorageOption = None,
+    device: Annotated[
+        str, typer.Option("--device", help="Where to train: cpu or cuda:N.")
+    ] = "cpu",
+    worker_id: Annotated[
+        str | None,
+        typer.Option(
+            "--worker-id",
+            help="Name recorded on each trial; seeds this worker's sampler. "
+            "Default: <host>-<pid>.",
+        ),
+    ] = None,
+    checkpoint_dir: CheckpointOption = None,
+    stop_timeout: Annotated[
+        float,
+        typer.Option(
+            "--stop-timeout",
+            min=1,
+            help="Seconds to wait for an epoch boundary after SIGTERM "
+            "before handing the trial back and exiting.",
+        ),
+    ] = 120.0,
+) -> None:
+    """Pull trials of STUDY from the database and train them until the budget is met."""
+    from search.storage import resolve_storage_url
+    from search.worker import run_worker
+
+    if device != "cpu" and not device.startswith("cuda"):
+        raise typer.BadParameter(f"expected cpu or cuda:N, got {device!r}", param_hint="--device")
+    with _errors():
+        result = run_worker(
+            study_name,
+            resolve_storage_url(storage),
+            device=device,
+            worker_id=worker_id,
+            checkpoint_dir=checkpoint_dir,
+            stop_timeout=stop_timeout,
+        )
+    logging.getLogger(__name__).info(
+        "Worker done: %d finished, %d failed%s.",
+        result.finished,
+        result.failed,
+        " (stopped by signal)" if result.preempted else "",
+    )
+
+
+@app.command()
+def create(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study file (YAML).")],
+    storage: StorageOption = None,
+    n_trials: Annotated[
+        int | None, typer.Option("--n-trials", min=1, help="Override the spec's budget.")
+    ] = None,
+) -> None:
+    """Create the study (or check the existing one matches) without running trials."""
+    from search.spec import load_spec
+    from search.storage import mask_url, open_storage, resolve_storage_url
+    from search.study import create_or_load_study
+
+    with _errors():
+        spec = load_spec(spec_path)
+        url = resolve_storage_url(storage, spec.storage)
+        study = create_or_load_study(spec, open_storage(url), n_trials=n_trials)
+        console.print(
+            f"Study {study.study_name} ready in {mask_url(url)} "
+            f"(budget {study.user_attrs['n_trials']} trials).",
+            highlight=False,
+        )
+
+
+@app.command()
+def status(
+    study_name: Annotated[
+        str | None,
+        typer.Argument(metavar="[STUDY]", help="Study to describe; omit to list every study."),
+    ] = None,
+    storage: StorageOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Show trial counts per state, the best value and its parameters."""
+    from search.report import status_rows, study_status
+    from search.storage import open_storage, resolve_storage_url
+
+    with _errors():
+        opened = open_storage(resolve_storage_url(storage), connect_timeout=5)
+        data: Any = study_status(opened, study_name) if study_name else status_rows(opened)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    rows = [data] if study_name else data
+    table = Table(
+        "study",
+        "budget",
+        "complete",
+        "pruned",
+        "failed",
+        "running",
+        "waiting",
+        "best",
+        title=None if study_name else "Studies",
+    )
+    for row in rows:
+        c = row["counts"]
+        best = "—" if row["best_value"] is None else f"{row['best_value']:.5g}"
+        table.add_row(
+            row["study"],
+            str(row["n_trials"] or "—"),
+            str(c["COMPLETE"]),
+            str(c["PRUNED"]),
+            str(c["FAIL"]),
+            str(c["RUNNING"]),
+            str(c["WAITING"]),
+            best,
+        )
+    console.print(table)
+    if study_name and data["best_params"]:
+        console.print(f"best trial {data['best_trial']}: {data['best_params']}", highlight=False)
+
+
+def _configure_logging(debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(console=err_console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    import optuna
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(logging.DEBUG if debug else logging.WARNING)
+    if not debug:
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

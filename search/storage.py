@@ -1,0 +1,232 @@
+"""Storage URLs, engines, heartbeats and the retrying Optuna storage every process uses.
+
+The whole state of a study lives in the database named by one URL: an embedded SQLite file by
+default, PostgreSQL for many machines. A URL is only ever shown through `mask_url`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import optuna
+import sqlalchemy.exc
+from sqlalchemy.engine import make_url
+
+from search.exceptions import StorageError
+
+logger = logging.getLogger(__name__)
+
+STORAGE_ENV = "SEARCH_STORAGE"
+DEFAULT_STORAGE = "sqlite:///search.db"
+CONNECT_TIMEOUT_ENV = "SEARCH_CONNECT_TIMEOUT"
+#: Connections one worker may hold: main loop + heartbeat thread + budget lock + one spare.
+POOL_SIZE = 3
+POOL_OVERFLOW = 1
+
+_FATAL_MARKERS = (
+    "password authentication failed",
+    "does not exist",
+    "no password supplied",
+    "permission denied",
+)
+_T = TypeVar("_T")
+
+
+def resolve_storage_url(cli: str | None = None, spec: str | None = None) -> str:
+    """The storage URL by precedence: CLI flag > `SEARCH_STORAGE` > study file > default."""
+    for candidate in (cli, os.environ.get(STORAGE_ENV), spec):
+        if candidate:
+            return candidate
+    return DEFAULT_STORAGE
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by `***`, safe for logs and errors."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable storage URL>"
+
+
+def describe_url(url: str) -> str:
+    """`host:port/database` for servers, the file path for SQLite; never a password."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return "<unparseable storage URL>"
+    if parsed.get_backend_name() == "sqlite":
+        return f"SQLite file {parsed.database or ':memory:'}"
+    return f"{parsed.host or 'localhost'}:{parsed.port or 5432}/{parsed.database or ''}"
+
+
+def open_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    stale_trial_callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    connect_timeout: float | None = None,
+) -> ResilientRDBStorage:
+    """Open the storage at `url`, retrying with backoff while the server is starting.
+
+    A refused or timed-out connection is retried for `connect_timeout` seconds (default
+    `SEARCH_CONNECT_TIMEOUT` or 30); bad credentials or a missing database fail at once.
+
+    Raises:
+        StorageError: the database cannot be reached or used; the message names host, port
+            and database and never the password.
+    """
+    try:
+        backend = make_url(url).get_backend_name()
+    except Exception as e:
+        raise StorageError(
+            f"invalid storage URL {mask_url(url)!r}: expected sqlite:///FILE or "
+            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+        ) from e
+    if backend not in ("sqlite", "postgresql"):
+        raise StorageError(f"unsupported storage {backend!r}: use sqlite:/// or postgresql://")
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "sqlite":
+        _prepare_sqlite(url)
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    else:
+        engine_kwargs.update(
+            pool_size=POOL_SIZE,
+            max_overflow=POOL_OVERFLOW,
+            pool_timeout=60,
+            connect_args={"connect_timeout": 10},
+        )
+    if connect_timeout is None:
+        connect_timeout = float(os.environ.get(CONNECT_TIMEOUT_ENV, "30"))
+    deadline = time.monotonic() + connect_timeout
+    delay = 0.5
+    while True:
+        try:
+            return ResilientRDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=stale_trial_callback,
+            )
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+            reason = _reason(e)
+            if _is_fatal(reason) or time.monotonic() + delay > deadline:
+                raise StorageError(
+                    f"cannot open storage {mask_url(url)} ({describe_url(url)}): {reason}. "
+                    f"Is the database running and the URL right? "
+                    f"Try `search status --storage '{mask_url(url)}'`"
+                ) from None
+            logger.warning(
+                "Storage %s not ready (%s); retrying in %.1f s.", describe_url(url), reason, delay
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _prepare_sqlite(url: str) -> None:
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return
+    path = Path(database)
+    if path.parent and not path.parent.exists():
+        raise StorageError(
+            f"cannot create SQLite file {path}: folder {path.parent} does not exist"
+        )
+    try:
+        with sqlite3.connect(path, timeout=60) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as e:
+        raise StorageError(f"cannot open SQLite file {path}: {e}") from e
+
+
+def _reason(error: BaseException) -> str:
+    cause: BaseException = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    original = getattr(cause, "orig", None) or cause
+    text = " ".join(str(original).split())
+    return text.split(" (Background on this error")[0][:300] or type(original).__name__
+
+
+def _is_fatal(reason: str) -> bool:
+    return any(marker in reason for marker in _FATAL_MARKERS)
+
+
+def _is_transient(error: BaseException) -> bool:
+    chain: BaseException | None = error
+    while chain is not None:
+        if isinstance(chain, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+            return True
+        if isinstance(chain, sqlalchemy.exc.DBAPIError) and chain.connection_invalidated:
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
+
+
+def _retrying(method: Callable[..., _T], *, outage_seconds: float = 120.0) -> Callable[..., _T]:
+    @functools.wraps(method)
+    def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> _T:
+        deadline = time.monotonic() + outage_seconds
+        delay = 0.2
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+                if not _is_transient(e) or time.monotonic() + delay > deadline:
+                    raise
+                logger.warning(
+                    "Database call %s failed (%s); reconnecting in %.1f s.",
+                    method.__name__,
+                    _reason(e),
+                    delay,
+                )
+                self.scoped_session.remove()
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    return wrapper
+
+
+class ResilientRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage whose calls survive dropped connections and short outages.
+
+    Each call that fails with a connection error is retried with backoff for up to two minutes
+    (`pg_terminate_backend`, a PostgreSQL restart, a network blip) instead of killing the worker.
+    """
+
+
+for _name in (
+    "create_new_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "set_trial_param",
+    "get_trial_param",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "get_all_trials",
+    "get_best_trial",
+    "record_heartbeat",
+    "_get_stale_trial_ids",
+):
+    setattr(ResilientRDBStorage, _name, _retrying(getattr(optuna.storages.RDBStorage, _name)))
