@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
@@ -227,10 +228,9 @@ def create(
         spec = load_spec(spec_path)
         url = resolve_storage_url(storage, spec.storage)
         study = create_or_load_study(spec, open_storage(url), n_trials=n_trials)
-        console.print(
+        typer.echo(
             f"Study {study.study_name} ready in {mask_url(url)} "
-            f"(budget {study.user_attrs['n_trials']} trials).",
-            highlight=False,
+            f"(budget {study.user_attrs['n_trials']} trials)."
         )
 
 
@@ -254,20 +254,14 @@ def status(
         typer.echo(json.dumps(data, indent=2, default=str))
         return
     rows = [data] if study_name else data
-    table = Table(
-        "study",
-        "budget",
-        "complete",
-        "pruned",
-        "failed",
-        "running",
-        "waiting",
-        "best",
-        title=None if study_name else "Studies",
-    )
+    table = Table(title=None if study_name else "Studies", box=box.SIMPLE_HEAD)
+    widest = max((len(r["study"]) for r in rows), default=5)
+    table.add_column("study", no_wrap=True, min_width=widest)
+    for header in ("budget", "complete", "pruned", "failed", "running", "waiting", "best"):
+        table.add_column(header, justify="right", no_wrap=True)
     for row in rows:
         c = row["counts"]
-        best = "—" if row["best_value"] is None else f"{row['best_value']:.5g}"
+        best = "—" if row["best_value"] is None else f"{row['best_value']:.4g}"
         table.add_row(
             row["study"],
             str(row["n_trials"] or "—"),
@@ -280,7 +274,12 @@ def status(
         )
     console.print(table)
     if study_name and data["best_params"]:
-        console.print(f"best trial {data['best_trial']}: {data['best_params']}", highlight=False)
+        params = ", ".join(f"{k}={_short(v)}" for k, v in data["best_params"].items())
+        typer.echo(f"best trial {data['best_trial']}: {params}")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _configure_logging(debug: bool) -> None:

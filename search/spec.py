@@ -65,7 +65,7 @@ class ParamSpec(_Model):
         if self.choices is not None:
             raise ValueError(f"type {kind!r} takes low/high, not choices")
         if self.low is None or self.high is None:
-            raise ValueError(f"type {kind!r} needs both low and high")
+            raise ValueError("a parameter needs both low and high, or a list of choices")
         if not self.low < self.high:
             raise ValueError(f"low ({self.low:g}) must be < high ({self.high:g})")
         if (self.log or kind == "pow2") and self.low <= 0:

@@ -47,6 +47,14 @@ def resolve_storage_url(cli: str | None = None, spec: str | None = None) -> str:
     return DEFAULT_STORAGE
 
 
+def normalize_url(url: str) -> str:
+    """Pin `postgresql://` to the psycopg2 driver (SQLAlchemy 2.1 would pick psycopg 3)."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    return parsed.render_as_string(hide_password=False)
+
+
 def mask_url(url: str) -> str:
     """The URL with any password replaced by `***`, safe for logs and errors."""
     try:
@@ -85,6 +93,7 @@ def open_storage(
     """
     try:
         backend = make_url(url).get_backend_name()
+        engine_url = normalize_url(url)
     except Exception as e:
         raise StorageError(
             f"invalid storage URL {mask_url(url)!r}: expected sqlite:///FILE or "
@@ -110,7 +119,7 @@ def open_storage(
     while True:
         try:
             return ResilientRDBStorage(
-                url,
+                engine_url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,

@@ -1,0 +1,38 @@
+"""User objectives for the worker tests (importable as `objectives:<name>` in subprocesses).
+
+They follow the user-objective contract `(params, device, report, checkpoint=None, epochs=N)`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+EPOCH_SECONDS = float(os.environ.get("SEARCH_TEST_EPOCH_SECONDS", "0.3"))
+
+
+def sleepy(params: dict[str, Any], device: str, report: Any, checkpoint: Any = None,
+           epochs: int = 5) -> None:
+    """Sleeps per epoch like a GPU job; the loss falls towards (x - 0.3)^2. Checkpoints."""
+    start = 0
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        start = int(state["epoch"])
+    target = (float(params["x"]) - 0.3) ** 2
+    for epoch in range(start, epochs):
+        time.sleep(EPOCH_SECONDS)
+        if checkpoint is not None:
+            checkpoint.save({"epoch": epoch + 1, "pid": os.getpid()})
+        report(epoch + 1, {"val_loss": target + 1.0 / (epoch + 1), "started_at_epoch": start})
+
+
+def oom_when_big(params: dict[str, Any], device: str, report: Any, epochs: int = 2) -> None:
+    """Simulates a CUDA out-of-memory error for batch_size >= 64: no GPU exists here, so the
+    test raises the real `torch.cuda.OutOfMemoryError` class as a CUDA allocator would."""
+    import torch
+
+    if params["batch_size"] >= 64 and params["width"] >= 64:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    for epoch in range(epochs):
+        report(epoch + 1, {"val_loss": 1.0 / params["batch_size"] + params["width"] / 1e4})
