@@ -258,7 +258,7 @@ def status(
     widest = max((len(r["study"]) for r in rows), default=5)
     table.add_column("study", no_wrap=True, min_width=widest)
     for header in ("budget", "complete", "pruned", "failed", "running", "waiting", "best"):
-        table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
+        table.add_column(header, justify="right", no_wrap=True, min_width=max(len(header), 7))
     for row in rows:
         c = row["counts"]
         best = "—" if row["best_value"] is None else f"{row['best_value']:.4g}"
