@@ -37,6 +37,20 @@ def release_device_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def reset_peak_memory(device: str) -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+
+
+def peak_memory_mb(device: str) -> float | None:
+    """Peak GPU memory allocated by this process since the last reset (None off-GPU)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, 1)
+
+
 def device_type(device: str) -> str:
     """`cpu`, or the GPU's model name (OOM limits transfer between cards of one model)."""
     if not device.startswith("cuda"):

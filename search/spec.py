@@ -204,9 +204,9 @@ class StudySpec(_Model):
             raise ValueError("lr_scaling needs both lr and batch_size in the space")
         batch = self.space.get("batch_size")
         cap = self.max_batch_size
-        if cap is not None and batch is not None and batch.kind == "pow2":
-            if not batch.pow2_choices(cap):
-                raise ValueError(f"max_batch_size={self.max_batch_size} excludes every batch size")
+        pow2 = batch is not None and batch.kind == "pow2"
+        if cap is not None and batch is not None and pow2 and not batch.pow2_choices(cap):
+            raise ValueError(f"max_batch_size={cap} excludes every batch size")
         return self
 
     def resolved(self) -> dict[str, Any]:

@@ -31,7 +31,13 @@ from search.objective import (
     build_training_function,
     call_training,
 )
-from search.oom import OomRegistry, is_out_of_memory, release_device_memory
+from search.oom import (
+    OomRegistry,
+    is_out_of_memory,
+    peak_memory_mb,
+    release_device_memory,
+    reset_peak_memory,
+)
 from search.retry import enqueue_retry, retry_root, system_attrs
 from search.space import suggest, trainer_params
 from search.spec import StudySpec
@@ -163,7 +169,11 @@ class Worker:
             else None
         )
         reporter = Reporter(trial, spec, stop_event=self.stop_event, history=history)
+        accumulation = self.oom.accumulation(train_params)
+        if accumulation > 1:
+            trial.set_user_attr("grad_accumulation", accumulation)
         logger.info("Trial %d started on %s with %s.", trial.number, self.device, params)
+        reset_peak_memory(self.device)
         heartbeat = _Heartbeat(self.storage, trial._trial_id, spec.workers.heartbeat_interval)
         heartbeat.start()
         self._current = trial
@@ -174,7 +184,7 @@ class Worker:
                 self.device,
                 reporter,
                 checkpoint=checkpoint,
-                accumulation_steps=self.oom.accumulation(train_params),
+                accumulation_steps=accumulation,
             )
         except optuna.TrialPruned:
             logger.info(
@@ -205,6 +215,9 @@ class Worker:
         finally:
             heartbeat.stop()
             self._current = None
+            peak = peak_memory_mb(self.device)
+            if peak is not None:
+                self._annotate(trial, "peak_gpu_memory_mb", peak)
         return self._complete(trial, reporter, returned)
 
     def _complete(
