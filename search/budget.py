@@ -90,13 +90,14 @@ def study_lock(study: optuna.Study) -> Iterator[None]:
 def _advisory_lock(engine: sqlalchemy.Engine, name: str) -> Iterator[None]:
     key = int.from_bytes(hashlib.sha1(f"search:{name}".encode()).digest()[:8], "big", signed=True)
     with engine.connect() as connection:
-        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        # A transaction-level lock: released when this connection's transaction ends, even if
+        # the connection dies or sits behind a transaction-pooling PgBouncer.
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
         try:
             yield
         finally:
             with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                connection.commit()
+                connection.rollback()
 
 
 @contextlib.contextmanager

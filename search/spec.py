@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -277,6 +279,8 @@ def import_objective(reference: str) -> Callable[..., Any]:
         raise ObjectiveError(
             f"objective must look like 'package.module:function', got {reference!r}"
         )
+    if os.getcwd() not in sys.path:  # as `python -m` does: the user's code is where they run
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,13 +70,16 @@ class Worker:
         worker_id: str | None = None,
         checkpoint_dir: str | None = None,
         poll_interval: float = 0.5,
+        stop_event: threading.Event | None = None,
     ) -> None:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0, but got {poll_interval=}")
         self.device = device
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.poll_interval = poll_interval
-        self.stop_event = threading.Event()
+        self.stop_event = stop_event or threading.Event()
+        # Optuna warns that heartbeats are meant for Study.optimize; this worker runs its own.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         self.storage = open_storage(storage_url)
         _, spec = load_study(study_name, self.storage)
         self.spec: StudySpec = spec
@@ -90,14 +94,8 @@ class Worker:
         self._current: optuna.Trial | None = None
 
     def request_stop(self, *_: Any) -> None:
-        """Stop at the next epoch boundary (SIGTERM/SIGINT handler)."""
-        if not self.stop_event.is_set():
-            logger.info("Worker %s asked to stop; finishing the current epoch.", self.worker_id)
+        """Stop at the next epoch boundary. Safe in a signal handler: it only sets an event."""
         self.stop_event.set()
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
 
     def run(self) -> WorkerResult:
         """Loop until the budget is met, the worker is stopped, or failures exceed the limit."""
@@ -413,19 +411,43 @@ def run_worker(
     worker returns; if no epoch boundary comes within `stop_timeout` seconds, the trial is
     handed back from the signal's timer and the process exits 0 at once.
     """
-    worker = Worker(
-        study_name, storage_url, device=device, worker_id=worker_id, checkpoint_dir=checkpoint_dir
-    )
+    stop_event = threading.Event()
+    signalled: list[int] = []
 
-    def on_signal(*_: Any) -> None:
-        worker.request_stop()
-        timer = threading.Timer(stop_timeout, _force_exit, args=(worker,))
-        timer.daemon = True
-        timer.start()
+    def on_signal(signum: int, _: Any) -> None:
+        # Runs between any two bytecodes of the main thread, possibly inside Event.set() of an
+        # earlier signal: only the first signal touches the event (its lock is not reentrant).
+        if not signalled:
+            signalled.append(signum)
+            stop_event.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return worker.run()
+    worker = Worker(
+        study_name,
+        storage_url,
+        device=device,
+        worker_id=worker_id,
+        checkpoint_dir=checkpoint_dir,
+        stop_event=stop_event,
+    )
+    finished = threading.Event()
+    threading.Thread(
+        target=_watch_stop, args=(worker, finished, stop_timeout), daemon=True, name="stop"
+    ).start()
+    try:
+        return worker.run()
+    finally:
+        finished.set()
+
+
+def _watch_stop(worker: Worker, finished: threading.Event, timeout: float) -> None:
+    worker.stop_event.wait()
+    if finished.is_set():
+        return
+    logger.info("Worker %s asked to stop; finishing the current epoch.", worker.worker_id)
+    if not finished.wait(timeout):
+        _force_exit(worker)
 
 
 def _force_exit(worker: Worker) -> None:

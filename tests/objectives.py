@@ -36,3 +36,14 @@ def oom_when_big(params: dict[str, Any], device: str, report: Any, epochs: int =
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     for epoch in range(epochs):
         report(epoch + 1, {"val_loss": 1.0 / params["batch_size"] + params["width"] / 1e4})
+
+
+def env_probe(params: dict[str, Any], device: str, report: Any, epochs: int = 1) -> None:
+    """Reports which GPU the worker was given (CUDA_VISIBLE_DEVICES) and its device string,
+    so dispatch can be checked on a machine without GPUs (nothing touches CUDA)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    for epoch in range(epochs):
+        time.sleep(EPOCH_SECONDS)
+        report(epoch + 1, {"val_loss": float(params["x"]) ** 2,
+                           "gpu": float(visible) if visible else -1.0,
+                           "cuda0": float(device == "cuda:0")})
