@@ -23,8 +23,8 @@ Options:
 
 Environment:
   PYTHON      interpreter that creates the virtual environment (default python3). The
-              environment also sees that interpreter's packages, so a torch with CUDA that is
-              already installed there is reused, not downloaded again.
+              environment also sees that interpreter's packages (its own virtual environment's
+              too), so a torch with CUDA installed there is reused, not downloaded again.
   PIP_EXTRA   more arguments for pip install, e.g. "--no-index --find-links ./wheels
               --no-build-isolation" offline, or "--extra-index-url URL" for another torch.
 EOF
@@ -72,12 +72,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# 2. The project, in a virtual environment that reuses an installed torch.
+# 2. The project, in a virtual environment that reuses an installed torch: it sees the packages
+# of the interpreter that made it (a .pth file, which also works when that interpreter is
+# itself in a virtual environment, unlike --system-site-packages).
 python=python3
 if ((install)); then
   venv=${venv:-$tmp/venv}
   if [[ ! -x $venv/bin/python ]]; then
-    "${PYTHON:-python3}" -m venv --system-site-packages "$venv"
+    base_python=${PYTHON:-python3}
+    "$base_python" -m venv "$venv"
+    venv_site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    "$base_python" -c 'import site; print("\n".join(site.getsitepackages()))' \
+      >"$venv_site/gpu-smoke-parent.pth"
   fi
   read -r -a pip_extra <<<"${PIP_EXTRA:-}"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
@@ -118,7 +124,7 @@ data = json.loads(sys.argv[1])
 counts = data["counts"]
 print(counts["COMPLETE"] + counts["PRUNED"], counts["FAIL"], data["n_trials"])' "$status_json")
 fi
-peak_mib=$(sort -n "$tmp/memory.txt" 2>/dev/null | tail -n 1)
+peak_mib=$(sort -n "$tmp/memory.txt" 2>/dev/null | tail -n 1) || true
 awk -v n="$finished" -v s="$start" -v e="$end" -v f="$failed" -v b="$budget" 'BEGIN {
   printf "finished trials: %d of %d (%d failed) in %.1f s\n", n, b, f, e - s
   printf "trials per minute: %.1f\n", n / ((e - s) / 60)
