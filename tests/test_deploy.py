@@ -452,7 +452,7 @@ def test_docker_compose_accepts_the_file() -> None:
     """`docker compose config` validates without an engine; needs the compose CLI installed."""
     cli = _compose_cli()
     if cli is None:
-        pytest.skip("no docker compose / docker-compose CLI on this machine")
+        pytest.fail("no docker compose / docker-compose CLI: apt-get install docker-compose")
     env = {**os.environ, "POSTGRES_PASSWORD": "not-a-real-password"}
     for args in (["config", "-q"], ["--profile", "dashboard", "config", "-q"]):
         result = subprocess.run(
@@ -625,7 +625,7 @@ def test_shell_scripts_parse(path: Path) -> None:
 @pytest.mark.parametrize("path", SHELL_SCRIPTS, ids=lambda p: p.name)
 def test_shell_scripts_pass_shellcheck(path: Path) -> None:
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+        pytest.fail("shellcheck is not installed (apt-get install shellcheck)")
     result = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
