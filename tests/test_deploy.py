@@ -425,7 +425,8 @@ def test_compose_passes_the_storage_url_as_search_storage() -> None:
     services = _compose()["services"]
     for name in ("create", "worker", "dashboard"):
         url = _service_env(services[name])["SEARCH_STORAGE"]
-        assert url.startswith("postgresql://"), name
+        # psycopg2 named: optuna-dashboard on SQLAlchemy 2.1 would pick psycopg 3 for postgresql://
+        assert url.startswith("postgresql+psycopg2://"), name
         assert "@postgres:" in url, f"{name} does not default to the compose PostgreSQL"
 
 
