@@ -139,6 +139,7 @@ def launch(
                 else ""
             ),
             highlight=False,
+            soft_wrap=True,
         )
         launcher = Launcher(
             study,

@@ -95,3 +95,37 @@ def test_status_json_for_scripts(sqlite_url: str, study_name: str, write_spec) -
     data = json.loads(out)
     assert data["counts"]["COMPLETE"] + data["counts"]["PRUNED"] == 3
     assert data["n_trials"] == 3 and set(data["best_params"]) == {"x"}
+
+
+def _wsgi_get(app, path: str) -> dict:
+    from wsgiref.util import setup_testing_defaults
+
+    environ: dict = {"PATH_INFO": path, "QUERY_STRING": "after=0"}
+    setup_testing_defaults(environ)
+    status: list[str] = []
+    body = b"".join(app(environ, lambda s, headers, *_: status.append(s)))
+    assert status[0].startswith("200"), status
+    return json.loads(body)
+
+
+def test_postgres_study_is_readable_by_optuna_dashboard_and_optuna_cli(
+        pg_url: str, study_name: str, write_spec) -> None:
+    import optuna_dashboard
+
+    from search.storage import normalize_url
+
+    spec_path = write_spec(base_spec(study_name, n_trials=3, epochs=2))
+    assert _launch(spec_path, pg_url, "--workers", "1").returncode == 0
+    storage = open_storage(pg_url)
+    study_id = storage.get_study_id_from_name(study_name)
+    data = _wsgi_get(optuna_dashboard.wsgi(storage), f"/api/studies/{study_id}")
+    assert len(data["trials"]) == 3
+    trial = data["trials"][0]
+    assert {p["name"] for p in trial["params"]} == {"lr", "batch_size", "depth", "width"}
+    assert trial["intermediate_values"]
+    assert "epoch_metrics" in {a["key"] for a in trial["user_attrs"]}
+    assert "spec" in {a["key"] for a in data["user_attrs"]}
+    listed = subprocess.run(["optuna", "trials", "--study-name", study_name, "--storage",
+                             normalize_url(pg_url), "-f", "json"], capture_output=True,
+                            text=True, timeout=60, check=True, env=cli_env())
+    assert len(json.loads(listed.stdout)) == 3
