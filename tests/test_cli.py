@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import typer.main
+from conftest import base_spec, cli_env
 from typer.testing import CliRunner
 
-from conftest import base_spec, cli_env
 from search.cli import app
 
 runner = CliRunner()

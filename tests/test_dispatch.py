@@ -12,9 +12,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import cli_env, sleepy_spec
 from optuna.trial import TrialState
 
-from conftest import cli_env, sleepy_spec
 from search.launch import plan_workers, visible_gpus
 from search.storage import open_storage
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import REPO, base_spec, cli_env, sleepy_spec
 from optuna.trial import TrialState
 
-from conftest import REPO, base_spec, cli_env, sleepy_spec
 from search.storage import open_storage
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def test_launch_runs_exactly_n_trials_with_two_workers(
     spec_path = write_spec(base_spec(study_name, n_trials=20, epochs=3))
     result = _launch(spec_path, storage, "--n-trials", "7", "--workers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Best trial" in result.stdout
+    assert "Best trial" in result.stdout
     study = _check_exact_study(storage, study_name, 7)
     assert study.user_attrs["spec"]["name"] == study_name
     assert study.user_attrs["n_trials"] == 7

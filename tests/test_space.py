@@ -6,8 +6,8 @@ import math
 
 import optuna
 import pytest
-
 from conftest import base_spec
+
 from search.space import scaled_lr, suggest, trainer_params
 from search.spec import LrScalingSpec, spec_from_dict
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, base_spec
+
 from search.exceptions import SpecError
 from search.spec import load_spec, spec_from_dict
 
@@ -51,8 +51,10 @@ _DELETE = object()
          "space.lr: low (0.1) must be < high (0.001)"),
         (_with(space__lr={"low": 0.0, "high": 0.1, "log": True}),
          "space.lr: a log-scale parameter needs low > 0"),
-        (_with(space__batch_size={"choices": []}), "space.batch_size: choices must be a non-empty"),
-        (_with(space__depth={"low": 1}), "space.depth: a parameter needs both low and high, or a list of choices"),
+        (_with(space__batch_size={"choices": []}),
+         "space.batch_size: choices must be a non-empty"),
+        (_with(space__depth={"low": 1}),
+         "space.depth: a parameter needs both low and high, or a list of choices"),
         (_with(objective={"dataset": "imagenet"}),
          "objective.dataset: Input should be 'digits', 'wine' or 'breast_cancer', but got "
          "'imagenet'"),

@@ -8,6 +8,7 @@ import time
 import optuna
 import pytest
 from sqlalchemy.engine import make_url
+from tcp_proxy import TcpProxy
 
 from search.exceptions import StorageError
 from search.storage import (
@@ -18,7 +19,6 @@ from search.storage import (
     open_storage,
     resolve_storage_url,
 )
-from tcp_proxy import TcpProxy
 
 SECRET = "s3cr3t-Pa55"
 
@@ -45,7 +45,8 @@ def test_mask_url_hides_the_password() -> None:
     masked = mask_url(f"postgresql://alice:{SECRET}@db.example:5433/hpo")
     assert SECRET not in masked
     assert masked == "postgresql://alice:***@db.example:5433/hpo"
-    assert describe_url(f"postgresql://alice:{SECRET}@db.example:5433/hpo") == "db.example:5433/hpo"
+    described = describe_url(f"postgresql://alice:{SECRET}@db.example:5433/hpo")
+    assert described == "db.example:5433/hpo"
 
 
 def test_sqlite_file_is_created_in_wal_mode(tmp_path) -> None:

@@ -95,7 +95,7 @@ def test_gradient_accumulation_keeps_the_effective_batch() -> None:
 
 
 def test_datasets_are_standardized_with_a_fixed_split() -> None:
-    x_train, y_train, x_val, _ = load_dataset("breast_cancer")
+    x_train, _y_train, x_val, _ = load_dataset("breast_cancer")
     assert abs(float(x_train.mean())) < 1e-3
     assert len(x_val) == pytest.approx(0.2 * (len(x_train) + len(x_val)), abs=1)
     assert load_dataset("breast_cancer")[0] is x_train

@@ -1,4 +1,4 @@
-"""Workers as real processes on the real PostgreSQL: exact budget, kill -9, SIGTERM, faults, OOM."""
+"""Workers as real processes on the real PostgreSQL: budget, kill -9, SIGTERM, faults, OOM."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
+from conftest import cli_env, sleepy_spec
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
+from tcp_proxy import TcpProxy
 
-from conftest import cli_env, sleepy_spec
 from search.spec import spec_from_dict
 from search.storage import normalize_url, open_storage
 from search.study import create_or_load_study
-from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
 
