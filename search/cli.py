@@ -150,7 +150,7 @@ def launch(
             debug=_state["debug"],
         )
         try:
-            with progress_display(enabled=progress, console=err_console) as on_progress:
+            with progress_display(study, enabled=progress, console=err_console) as on_progress:
                 final = launcher.run(on_progress=on_progress)
         except KeyboardInterrupt:
             err_console.print("Interrupted: workers stopped, running trials handed back.")

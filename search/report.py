@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,27 +19,32 @@ from search.budget import BUDGET_ATTR, BudgetState
 
 @contextlib.contextmanager
 def progress_display(
-    *, enabled: bool, console: Console
+    study: optuna.Study, *, enabled: bool, console: Console, best_every: float = 2.0
 ) -> Iterator[Callable[[BudgetState], None]]:
-    """A callback that draws the study's progress; a no-op when disabled."""
+    """A callback that draws the study's progress and best value; a no-op when disabled."""
     if not enabled:
         yield lambda state: None
         return
-    with Progress(
+    columns = (
         TextColumn("[bold]trials"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[stats]}"),
         TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("trials", total=None, stats="")
+        best_value, best_at = ["—"], [0.0]
 
         def update(state: BudgetState) -> None:
+            now = time.monotonic()
+            if state.complete and now - best_at[0] >= best_every:  # one query, not every tick
+                with contextlib.suppress(ValueError):
+                    best_value[0] = f"{study.best_value:.4g}"
+                best_at[0] = now
             stats = (
                 f"complete {state.complete} · pruned {state.pruned} · failed "
-                f"{state.failed} · running {state.running}"
+                f"{state.failed} · running {state.running} · best {best['value']}"
             )
             bar.update(task, completed=state.finished, total=state.n_trials, stats=stats)
 
