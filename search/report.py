@@ -44,7 +44,7 @@ def progress_display(
                 best_at[0] = now
             stats = (
                 f"complete {state.complete} · pruned {state.pruned} · failed "
-                f"{state.failed} · running {state.running} · best {best['value']}"
+                f"{state.failed} · running {state.running} · best {best_value[0]}"
             )
             bar.update(task, completed=state.finished, total=state.n_trials, stats=stats)
 
