@@ -98,7 +98,10 @@ class OomRegistry:
         steps = 1
         for record in self.records():
             if _at_least(params, record) and "batch_size" in record:
-                while params["batch_size"] / steps >= record["batch_size"]:
+                while (
+                    params["batch_size"] / steps >= record["batch_size"]
+                    and steps < params["batch_size"]
+                ):
                     steps *= 2
         return steps
 

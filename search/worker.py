@@ -204,7 +204,7 @@ class Worker:
         except Exception as e:
             if is_out_of_memory(e):
                 release_device_memory(self.device)
-                return self._fail_oom(trial, train_params)
+                return self._fail_oom(trial, train_params, accumulation)
             if isinstance(e, SearchError):
                 raise
             logger.exception("Trial %d failed: %s", trial.number, e)
@@ -255,10 +255,14 @@ class Worker:
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             trial.set_user_attr(key, value)
 
-    def _fail_oom(self, trial: optuna.Trial, params: dict[str, Any]) -> TrialState | None:
+    def _fail_oom(
+        self, trial: optuna.Trial, params: dict[str, Any], accumulation: int
+    ) -> TrialState | None:
         shape: dict[str, Any] = {
             k: params[k] for k in ("batch_size", "depth", "width") if k in params
         }
+        if accumulation > 1 and "batch_size" in shape:  # what did not fit was the micro-batch
+            shape["batch_size"] = -(-shape["batch_size"] // accumulation)
         logger.warning(
             "Trial %d ran out of memory on %s with %s.", trial.number, self.device, shape
         )
@@ -267,7 +271,11 @@ class Worker:
         if CONSTRAINT not in trial.constraints:
             trial.set_constraint(CONSTRAINT, 1.0)
         self.oom.record(shape, trial.number)
-        if self.spec.workers.oom_grad_accumulation and self.oom.accumulation(params) > 1:
+        # Each retry halves the micro-batch, so the chain ends (at a micro-batch of one).
+        if (
+            self.spec.workers.oom_grad_accumulation
+            and self.oom.accumulation(params) > accumulation
+        ):
             with study_lock(self.study):
                 self._tell(trial, TrialState.FAIL)
                 enqueue_retry(

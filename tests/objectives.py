@@ -47,3 +47,15 @@ def env_probe(params: dict[str, Any], device: str, report: Any, epochs: int = 1)
         report(epoch + 1, {"val_loss": float(params["x"]) ** 2,
                            "gpu": float(visible) if visible else -1.0,
                            "cuda0": float(device == "cuda:0")})
+
+
+def oom_unless_accumulated(params: dict[str, Any], device: str, report: Any,
+                           accumulation_steps: int = 1, epochs: int = 2) -> None:
+    """Like `oom_when_big`, but only micro-batches of 128+ run out of memory, so gradient
+    accumulation (batch_size / accumulation_steps) makes the config fit."""
+    import torch
+
+    if params["batch_size"] / accumulation_steps >= 128:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+    for epoch in range(epochs):
+        report(epoch + 1, {"val_loss": 1.0 / (epoch + 1), "accumulation": accumulation_steps})

@@ -30,13 +30,16 @@ def _create(url: str, spec: dict) -> optuna.Study:
     return create_or_load_study(spec_from_dict(spec), open_storage(url))
 
 
-def _worker(name: str, url: str, tmp_path: Path, worker_id: str, *extra: str,
-            epoch_seconds: float = 0.3) -> subprocess.Popen[bytes]:
+def _worker(
+    name: str, url: str, tmp_path: Path, worker_id: str, *extra: str, epoch_seconds: float = 0.3
+) -> subprocess.Popen[bytes]:
     log = (tmp_path / f"{worker_id}.log").open("wb")
     return subprocess.Popen(
         [sys.executable, "-m", "search", "worker", name, "--worker-id", worker_id, *extra],
         env=cli_env(url, SEARCH_TEST_EPOCH_SECONDS=str(epoch_seconds)),
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
@@ -72,11 +75,11 @@ def _log(tmp_path: Path, worker_id: str) -> str:
     return (tmp_path / f"{worker_id}.log").read_text()
 
 
-def test_four_workers_finish_exactly_n_with_distinct_params(pg_url: str, study_name: str,
-                                                            tmp_path: Path) -> None:
+def test_four_workers_finish_exactly_n_with_distinct_params(
+    pg_url: str, study_name: str, tmp_path: Path
+) -> None:
     _create(pg_url, sleepy_spec(study_name, n_trials=13, epochs=2))
-    workers = [_worker(study_name, pg_url, tmp_path, f"w{i}", epoch_seconds=0.1)
-               for i in range(4)]
+    workers = [_worker(study_name, pg_url, tmp_path, f"w{i}", epoch_seconds=0.1) for i in range(4)]
     codes = [w.wait(timeout=180) for w in workers]
     assert codes == [0, 0, 0, 0], [_log(tmp_path, f"w{i}")[-2000:] for i in range(4)]
     trials = _assert_exact(pg_url, study_name, 13)
@@ -86,14 +89,23 @@ def test_four_workers_finish_exactly_n_with_distinct_params(pg_url: str, study_n
 
 
 def test_kill_9_mid_trial_is_reaped_and_resumed_from_checkpoint(
-        pg_url: str, study_name: str, tmp_path: Path) -> None:
+    pg_url: str, study_name: str, tmp_path: Path
+) -> None:
     grace = 4
-    _create(pg_url, sleepy_spec(study_name, n_trials=3, epochs=6,
-                                workers={"heartbeat_interval": 1, "grace_period": grace}))
+    _create(
+        pg_url,
+        sleepy_spec(
+            study_name,
+            n_trials=3,
+            epochs=6,
+            workers={"heartbeat_interval": 1, "grace_period": grace},
+        ),
+    )
     ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt")]
     victim = _worker(study_name, pg_url, tmp_path, "victim", *ckpt, epoch_seconds=0.5)
-    doomed = _wait_for(lambda: _running_with_epochs(pg_url, study_name, 3), 60,
-                       "a trial 3 epochs in")
+    doomed = _wait_for(
+        lambda: _running_with_epochs(pg_url, study_name, 3), 60, "a trial 3 epochs in"
+    )
     assert isinstance(doomed, optuna.trial.FrozenTrial)
     os.kill(victim.pid, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -101,8 +113,10 @@ def test_kill_9_mid_trial_is_reaped_and_resumed_from_checkpoint(
     rescuer = _worker(study_name, pg_url, tmp_path, "rescuer", *ckpt, epoch_seconds=0.5)
 
     def failed() -> bool:
-        return any(t.number == doomed.number and t.state == TrialState.FAIL
-                   for t in _trials(pg_url, study_name))
+        return any(
+            t.number == doomed.number and t.state == TrialState.FAIL
+            for t in _trials(pg_url, study_name)
+        )
 
     _wait_for(failed, 60, "the killed trial to be failed")
     assert time.monotonic() - killed_at < grace + 8, "reaped within the grace period (+ start)"
@@ -120,7 +134,8 @@ def test_kill_9_mid_trial_is_reaped_and_resumed_from_checkpoint(
 
 
 def test_worker_survives_its_live_trial_being_failed_by_another_process(
-        pg_url: str, study_name: str, tmp_path: Path) -> None:
+    pg_url: str, study_name: str, tmp_path: Path
+) -> None:
     _create(pg_url, sleepy_spec(study_name, n_trials=3, epochs=5))
     worker = _worker(study_name, pg_url, tmp_path, "w", epoch_seconds=0.4)
     live = _wait_for(lambda: _running_with_epochs(pg_url, study_name, 1), 60, "a running trial")
@@ -132,7 +147,8 @@ def test_worker_survives_its_live_trial_being_failed_by_another_process(
 
 
 def test_sigterm_checkpoints_hands_the_trial_back_and_exits_0(
-        pg_url: str, study_name: str, tmp_path: Path) -> None:
+    pg_url: str, study_name: str, tmp_path: Path
+) -> None:
     _create(pg_url, sleepy_spec(study_name, n_trials=2, epochs=6))
     ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt")]
     worker = _worker(study_name, pg_url, tmp_path, "w", *ckpt, epoch_seconds=0.5)
@@ -147,7 +163,8 @@ def test_sigterm_checkpoints_hands_the_trial_back_and_exits_0(
     assert handed.state == TrialState.FAIL
     assert handed.user_attrs["fail_reason"] == "preempted"
     assert [t.state for t in trials if t.user_attrs.get("retry_of") == live.number] == [
-        TrialState.WAITING]
+        TrialState.WAITING
+    ]
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     follower = _worker(study_name, pg_url, tmp_path, "w2", *ckpt, epoch_seconds=0.2)
     assert follower.wait(timeout=120) == 0, _log(tmp_path, "w2")[-3000:]
@@ -157,23 +174,27 @@ def test_sigterm_checkpoints_hands_the_trial_back_and_exits_0(
 
 
 def test_terminated_connections_and_a_short_outage_do_not_kill_workers(
-        pg_url: str, study_name: str, tmp_path: Path) -> None:
+    pg_url: str, study_name: str, tmp_path: Path
+) -> None:
     target = make_url(pg_url)
     proxy = TcpProxy((target.host or "127.0.0.1", target.port or 5432))
     proxy.start()
-    via_proxy = target.set(host="127.0.0.1", port=proxy.port).render_as_string(
-        hide_password=False)
+    via_proxy = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     _create(via_proxy, sleepy_spec(study_name, n_trials=8, epochs=3))
-    workers = [_worker(study_name, via_proxy, tmp_path, f"w{i}", epoch_seconds=0.3)
-               for i in range(2)]
+    workers = [
+        _worker(study_name, via_proxy, tmp_path, f"w{i}", epoch_seconds=0.3) for i in range(2)
+    ]
     try:
         _wait_for(lambda: _running_with_epochs(pg_url, study_name, 1), 60, "a running trial")
         engine = sqlalchemy.create_engine(normalize_url(pg_url))
         with engine.connect() as connection:
-            killed = connection.execute(sqlalchemy.text(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "AND client_port IS NOT NULL AND backend_type = 'client backend'")).scalar()
+            killed = connection.execute(
+                sqlalchemy.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND client_port IS NOT NULL AND backend_type = 'client backend'"
+                )
+            ).scalar()
         engine.dispose()
         assert killed and killed >= 2
         time.sleep(1.0)
@@ -188,13 +209,18 @@ def test_terminated_connections_and_a_short_outage_do_not_kill_workers(
 
 
 def test_out_of_memory_is_recorded_infeasible_and_not_retried(
-        pg_url: str, study_name: str, tmp_path: Path) -> None:
+    pg_url: str, study_name: str, tmp_path: Path
+) -> None:
     # No GPU here: tests/objectives.py raises the real torch.cuda.OutOfMemoryError class for
     # big configs, as the CUDA allocator would.
-    spec = sleepy_spec(study_name, n_trials=5, epochs=2, sampler={"type": "random"},
-                       objective={"function": "objectives:oom_when_big"},
-                       space={"batch_size": {"choices": [16, 64]},
-                              "width": {"choices": [32, 64, 128]}})
+    spec = sleepy_spec(
+        study_name,
+        n_trials=5,
+        epochs=2,
+        sampler={"type": "random"},
+        objective={"function": "objectives:oom_when_big"},
+        space={"batch_size": {"choices": [16, 64]}, "width": {"choices": [32, 64, 128]}},
+    )
     _create(pg_url, spec)
     worker = _worker(study_name, pg_url, tmp_path, "w")
     assert worker.wait(timeout=120) == 0, _log(tmp_path, "w")[-3000:]
@@ -202,8 +228,7 @@ def test_out_of_memory_is_recorded_infeasible_and_not_retried(
     failed = [t for t in trials if t.state == TrialState.FAIL]
     oom = [t for t in failed if t.user_attrs["fail_reason"] == "oom"]
     assert len(oom) == 1, "the first OOM is run; larger configs are skipped afterwards"
-    assert oom[0].user_attrs["oom_config"] == {"batch_size": 64,
-                                               "width": oom[0].params["width"]}
+    assert oom[0].user_attrs["oom_config"] == {"batch_size": 64, "width": oom[0].params["width"]}
     assert oom[0].system_attrs["constraints:diverged"] == 1.0
     for trial in failed:
         if trial is not oom[0]:
@@ -211,3 +236,32 @@ def test_out_of_memory_is_recorded_infeasible_and_not_retried(
             assert trial.params["batch_size"] >= 64
             assert trial.params["width"] >= oom[0].params["width"]
     assert "ran out of memory" in _log(tmp_path, "w")
+
+
+def test_out_of_memory_retried_with_accumulation_keeps_the_batch_size(
+    pg_url: str, study_name: str, tmp_path: Path
+) -> None:
+    # Simulated OOM (no GPU here): the objective raises torch.cuda.OutOfMemoryError for
+    # micro-batches of 128 or more.
+    spec = sleepy_spec(
+        study_name,
+        n_trials=2,
+        epochs=2,
+        sampler={"type": "random"},
+        objective={"function": "objectives:oom_unless_accumulated"},
+        space={"batch_size": {"choices": [256]}, "width": {"choices": [64]}},
+        workers={"heartbeat_interval": 1, "grace_period": 4, "oom_grad_accumulation": True},
+    )
+    _create(pg_url, spec)
+    worker = _worker(study_name, pg_url, tmp_path, "w")
+    assert worker.wait(timeout=120) == 0, _log(tmp_path, "w")[-3000:]
+    trials = _assert_exact(pg_url, study_name, 2)
+    first = trials[0]
+    assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "oom"
+    # 256 → micro-batches of 128 still run out; the next retry halves again to 64 and fits.
+    retry = next(t for t in trials if t.state == TrialState.COMPLETE)
+    assert retry.system_attrs["retry_history"] == [0, 1]
+    assert trials[1].user_attrs["grad_accumulation"] == 2
+    assert retry.params["batch_size"] == 256, "the searched batch size is never changed"
+    assert retry.user_attrs["grad_accumulation"] == 4
+    assert retry.user_attrs["epoch_metrics"][0]["accumulation"] == 4
