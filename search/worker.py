@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from search.budget import budget_state, study_lock
 from search.checkpoint import checkpoint_for
 from search.exceptions import EarlyStopped, Preempted, SearchError, TrialLost
+from search.heartbeat import Heartbeat, reap_stale_trials
 from search.objective import (
     CONSTRAINT,
     HISTORY_ATTR,
@@ -172,7 +173,7 @@ class Worker:
             trial.set_user_attr("grad_accumulation", accumulation)
         logger.info("Trial %d started on %s with %s.", trial.number, self.device, params)
         reset_peak_memory(self.device)
-        heartbeat = _Heartbeat(self.storage, trial._trial_id, spec.workers.heartbeat_interval)
+        heartbeat = Heartbeat(self.storage, trial._trial_id, spec.workers.heartbeat_interval)
         heartbeat.start()
         self._current = trial
         try:
@@ -323,32 +324,12 @@ class Worker:
 
     def reap(self) -> int:
         """Fail RUNNING trials with a stale heartbeat and queue their retries; returns count."""
-        stale = self.storage._get_stale_trial_ids(self.study._study_id)
-        if not stale:
-            return 0
-        reaped = 0
-        with study_lock(self.study):
-            for trial_id in self.storage._get_stale_trial_ids(self.study._study_id):
-                try:
-                    if not self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
-                        continue
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    continue
-                frozen = self.storage.get_trial(trial_id)
-                logger.warning(
-                    "Trial %d had no heartbeat for %d s (worker %s); failed it.",
-                    frozen.number,
-                    self.spec.workers.grace_period,
-                    frozen.user_attrs.get("worker", "?"),
-                )
-                enqueue_retry(
-                    self.study,
-                    frozen,
-                    reason="heartbeat-stale",
-                    max_retries=self.spec.workers.max_retries,
-                )
-                reaped += 1
-        return reaped
+        return reap_stale_trials(
+            self.study,
+            self.storage,
+            grace_period=self.spec.workers.grace_period,
+            max_retries=self.spec.workers.max_retries,
+        )
 
     def _reap_forever(self) -> None:
         interval = max(1.0, self.spec.workers.grace_period / 4)
@@ -376,32 +357,6 @@ class Worker:
 
 class TooManyFailures(SearchError):
     """The study's trials keep failing with errors; stopping beats burning the budget."""
-
-
-class _Heartbeat:
-    """Record a trial's heartbeat every `interval` seconds until stopped; never raises."""
-
-    def __init__(self, storage: Any, trial_id: int, interval: float) -> None:
-        self._storage = storage
-        self._trial_id = trial_id
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _beat(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._storage.record_heartbeat(self._trial_id)
-            except Exception as e:
-                logger.warning("Heartbeat for trial id %d failed: %s", self._trial_id, e)
-            self._stop.wait(self._interval)
 
 
 def run_worker(
