@@ -9,6 +9,7 @@ budget slot before any worker can claim it.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 from typing import Any
@@ -17,7 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.budget import study_lock
-from search.retry import enqueue_retry
+from search.retry import fail_and_requeue
 
 logger = logging.getLogger(__name__)
 
@@ -59,26 +60,55 @@ def reap_stale_trials(
 ) -> int:
     """Fail the study's RUNNING trials with a stale heartbeat and queue their retries.
 
+    A trial that never recorded a heartbeat (its worker died right after claiming it) counts
+    as stale once it has been running for longer than `grace_period`.
+
     Returns:
         How many trials this call failed (another worker may have reaped the rest).
     """
-    if not storage._get_stale_trial_ids(study._study_id):
+    if not _stale_ids(study, storage, grace_period):
         return 0
     reaped = 0
     with study_lock(study):
-        for trial_id in storage._get_stale_trial_ids(study._study_id):
-            try:
-                if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
-                    continue
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
+        for trial_id in _stale_ids(study, storage, grace_period):
             frozen = storage.get_trial(trial_id)
-            logger.warning(
-                "Trial %d had no heartbeat for %d s (worker %s); failed it.",
-                frozen.number,
-                grace_period,
-                frozen.user_attrs.get("worker", "?"),
-            )
-            enqueue_retry(study, frozen, reason="heartbeat-stale", max_retries=max_retries)
-            reaped += 1
+            if fail_and_requeue(
+                study, trial_id, reason="heartbeat-stale", max_retries=max_retries
+            ):
+                logger.warning(
+                    "Trial %d had no heartbeat for %d s (worker %s); failed it.",
+                    frozen.number,
+                    grace_period,
+                    frozen.user_attrs.get("worker", "?"),
+                )
+                reaped += 1
     return reaped
+
+
+def _stale_ids(
+    study: optuna.Study, storage: optuna.storages.RDBStorage, grace_period: int
+) -> list[int]:
+    stale = set(storage._get_stale_trial_ids(study._study_id))
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace_period)
+    old = [
+        t._trial_id
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.datetime_start is not None and t.datetime_start < cutoff
+    ]
+    if old:
+        stale.update(set(old) - _beating(storage, old))
+    return sorted(stale)
+
+
+def _beating(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> set[int]:
+    """Which of `trial_ids` have ever recorded a heartbeat."""
+    from optuna.storages._rdb import models
+
+    session = storage.scoped_session()
+    try:
+        rows = session.query(models.TrialHeartbeatModel.trial_id).filter(
+            models.TrialHeartbeatModel.trial_id.in_(trial_ids)
+        )
+        return {row.trial_id for row in rows}
+    finally:
+        session.close()

@@ -28,7 +28,6 @@ from search.exceptions import EarlyStopped, Preempted, SearchError, TrialLost
 from search.heartbeat import Heartbeat, reap_stale_trials
 from search.objective import (
     CONSTRAINT,
-    HISTORY_ATTR,
     Reporter,
     build_training_function,
     call_training,
@@ -40,7 +39,13 @@ from search.oom import (
     release_device_memory,
     reset_peak_memory,
 )
-from search.retry import enqueue_retry, retry_root, system_attrs
+from search.retry import (
+    enqueue_retry,
+    fail_and_requeue,
+    replay_chain,
+    retry_root,
+    system_attrs,
+)
 from search.space import suggest, trainer_params
 from search.spec import StudySpec
 from search.storage import open_storage
@@ -91,6 +96,9 @@ class Worker:
         )
         self.checkpoint_dir = checkpoint_dir or spec.workers.checkpoint_dir
         self.training = build_training_function(spec)
+        if self.checkpoint_dir:
+            import torch  # noqa: F401  (checkpoints need it: import it before holding a trial)
+
         self.oom = OomRegistry(self.study, device)
         self._current: optuna.Trial | None = None
 
@@ -139,6 +147,20 @@ class Worker:
             return trial, state
 
     def _run_trial(self, trial: optuna.Trial) -> TrialState | None:
+        """Run one claimed trial; the heartbeat beats from the first moment to the last."""
+        heartbeat = Heartbeat(self.storage, trial._trial_id, self.spec.workers.heartbeat_interval)
+        heartbeat.start()
+        self._current = trial
+        try:
+            return self._attempt(trial)
+        except (TrialLost, optuna.exceptions.UpdateFinishedTrialError) as e:
+            logger.warning("Trial %d dropped: finished by another process (%s).", trial.number, e)
+            return None
+        finally:
+            heartbeat.stop()
+            self._current = None
+
+    def _attempt(self, trial: optuna.Trial) -> TrialState | None:
         spec = self.spec
         params = suggest(trial, spec)
         train_params, derived = trainer_params(params, spec)
@@ -173,9 +195,6 @@ class Worker:
             trial.set_user_attr("grad_accumulation", accumulation)
         logger.info("Trial %d started on %s with %s.", trial.number, self.device, params)
         reset_peak_memory(self.device)
-        heartbeat = Heartbeat(self.storage, trial._trial_id, spec.workers.heartbeat_interval)
-        heartbeat.start()
-        self._current = trial
         try:
             returned = call_training(
                 self.training,
@@ -196,12 +215,11 @@ class Worker:
             trial.set_user_attr("early_stopped", str(e))
             logger.info("Trial %d stopped early: %s.", trial.number, e)
             return self._complete(trial, reporter, None)
-        except TrialLost as e:
-            logger.warning("Trial %d dropped: %s.", trial.number, e)
-            return None
         except Preempted:
             self._hand_back(trial, "preempted")
             return None
+        except (TrialLost, optuna.exceptions.UpdateFinishedTrialError):
+            raise
         except Exception as e:
             if is_out_of_memory(e):
                 release_device_memory(self.device)
@@ -212,8 +230,6 @@ class Worker:
             self._annotate(trial, "fail_reason", f"error: {type(e).__name__}: {e}"[:500])
             return self._tell(trial, TrialState.FAIL)
         finally:
-            heartbeat.stop()
-            self._current = None
             peak = peak_memory_mb(self.device)
             if peak is not None:
                 self._annotate(trial, "peak_gpu_memory_mb", peak)
@@ -290,37 +306,18 @@ class Worker:
 
     def _hand_back(self, trial: optuna.Trial, reason: str) -> None:
         """Fail the trial as not the config's fault and queue a retry with the same params."""
-        self._annotate(trial, "fail_reason", reason)
         with study_lock(self.study):
-            if self._tell(trial, TrialState.FAIL) is not None:
-                enqueue_retry(
-                    self.study,
-                    self.study._storage.get_trial(trial._trial_id),
-                    reason=reason,
-                    count_against_limit=False,
-                )
+            fail_and_requeue(self.study, trial._trial_id, reason=reason, count_against_limit=False)
         logger.info("Trial %d handed back (%s); it will be retried.", trial.number, reason)
 
     def _resume_history(self, trial: optuna.Trial) -> list[dict[str, float]]:
-        """Replay the previous attempt's epochs up to its checkpoint onto a retried trial."""
-        history_of = system_attrs(trial).get("retry_history") or []
-        if not history_of or not self.checkpoint_dir:
+        """A retried trial with a checkpoint gets its chain's curve up to that epoch."""
+        if not self.checkpoint_dir or not system_attrs(trial).get("retry_history"):
             return []
-        previous = self.study._storage.get_trial(
-            self.study._storage.get_trial_id_from_study_id_trial_number(
-                self.study._study_id, history_of[-1]
-            )
-        )
         ckpt = checkpoint_for(self.checkpoint_dir, self.study.study_name, retry_root(trial))
         state = ckpt.load()
         done = int(state["epoch"]) if state and "epoch" in state else 0
-        rows = [r for r in previous.user_attrs.get(HISTORY_ATTR, []) if r["epoch"] <= done]
-        for row in rows:
-            trial.report(float(row[self.spec.metric]), int(row["epoch"]))
-        if rows:
-            trial.set_user_attr(HISTORY_ATTR, rows)
-        trial.set_user_attr("resumed_from_epoch", done)
-        return rows
+        return replay_chain(trial, metric=self.spec.metric, upto_epoch=done)
 
     def reap(self) -> int:
         """Fail RUNNING trials with a stale heartbeat and queue their retries; returns count."""
