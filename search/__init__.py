@@ -15,6 +15,7 @@ from search.exceptions import (
     StudyNotFoundError,
     TrialLost,
 )
+from search.pruning import DivergencePruner, TrendPruner, default_pruner
 from search.spec import StudySpec, load_spec
 from search.storage import mask_url, open_storage, resolve_storage_url
 from search.study import create_or_load_study, load_study
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Checkpoint",
+    "DivergencePruner",
     "EarlyStopped",
     "ObjectiveError",
     "Preempted",
@@ -33,8 +35,10 @@ __all__ = [
     "StudyConflictError",
     "StudyNotFoundError",
     "StudySpec",
+    "TrendPruner",
     "TrialLost",
     "create_or_load_study",
+    "default_pruner",
     "load_spec",
     "load_study",
     "mask_url",

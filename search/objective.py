@@ -81,7 +81,6 @@ class Reporter:
             prune = self.trial.should_prune()
         except optuna.exceptions.UpdateFinishedTrialError as e:
             raise TrialLost(f"trial {self.trial.number} was finished by another process") from e
-        attrs = self.trial.user_attrs
         if not prune:
             bad = [
                 k
@@ -97,7 +96,7 @@ class Reporter:
                 f"{bad[0]} is {row[bad[0]]} at epoch {step}",
                 infeasible=True,
             )
-        elif "prune_rule" not in attrs:
+        elif "prune_rule" not in self._stored_attrs():
             record_prune(
                 self.trial,
                 "comparative",
@@ -105,7 +104,12 @@ class Reporter:
                 f"{type(self.trial.study.pruner).__name__}",
                 infeasible=False,
             )
-        raise optuna.TrialPruned(self.trial.user_attrs.get("prune_reason", "pruned"))
+        raise optuna.TrialPruned(self._stored_attrs().get("prune_reason", "pruned"))
+
+    def _stored_attrs(self) -> dict[str, Any]:
+        """The trial's user attributes as stored (the pruner may have written some)."""
+        trial = self.trial
+        return dict(trial.study._storage.get_trial_user_attrs(trial._trial_id))
 
     def _track_best(self, step: int, value: float) -> None:
         if not math.isfinite(value):

@@ -53,7 +53,8 @@ def load_dataset(
     x_train, x_val, y_train, y_val = train_test_split(
         x.astype(np.float32), y.astype(np.int64), test_size=0.2, random_state=seed, stratify=y
     )
-    mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0)
+    std = np.where(std > 1e-6, std, 1.0)  # a feature constant in the training split stays 0
     return (x_train - mean) / std, y_train, (x_val - mean) / std, y_val
 
 

@@ -1,6 +1,7 @@
 """Replay the recorded learning curves through Optuna studies, once per pruner and order.
 
-Each study holds the curves of one task and one part (tuning or held-out) in a random order.
+Each study holds the curves of one task and one part (tuning, held-out or fresh held-out; see
+make_curves.py) in a random order.
 Every curve is one trial that reports `val_loss` epoch by epoch the way `search.objective`'s
 Reporter does (`trial.report`, then the `epoch_metrics` user attribute, then `should_prune`),
 but without the Reporter's own non-finite guard, so each pruner is judged alone. A trial that
@@ -12,10 +13,10 @@ Columns, per pruner, over all studies of a part:
     top-5 pruned: of the 5 best curves of each study (by best val_loss), how many were pruned
         (mean per study).
     NaN waste: epochs run after the first non-finite val_loss/train_loss/grad_norm, per study.
-    rebound stop: mean epoch at which rebounding curves were stopped (40 = never).
-    n rebound: rebounding curves per study (see `rebounds`).
+    rebound stop: mean epoch at which rebounding curves were stopped (40 = never; see
+        `rebounds`).
 
-    python benchmarks/pruning/replay.py --orders 5          # both parts, all pruners
+    python benchmarks/pruning/replay.py --orders 5          # all parts, all pruners
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from search.pruning import DivergencePruner, TrendPruner, default_pruner
 HERE = Path(__file__).resolve().parent
 EPOCHS = 40
 TOP = 5
+#: the `split` values of the curve files: see make_curves.py
+PARTS = {"tuning": 0, "held-out": 1, "fresh held-out": 2}
 
 
 @dataclass(frozen=True)
@@ -65,39 +68,41 @@ class Pool:
 
 
 def rebounds(pool: Pool) -> np.ndarray:
-    """Curves whose val_loss fell to at most 80% of its first value, then rose back above
-    1.5 x that best, with train_loss also above its own best by 1.5 x, or went non-finite."""
+    """Curves that learned, then gave back half of it: after the best-so-far `b` fell below
+    half the untrained loss `u = ln(classes)`, val_loss stayed above `b + (u - b) / 2` for 2
+    epochs in a row, or went non-finite. (The pruners are not told `u`.)"""
+    untrained = math.log(pool.classes)
     out = np.zeros(len(pool.val), dtype=bool)
-    for i, (val, train) in enumerate(zip(pool.val, pool.train, strict=True)):
-        finite = np.isfinite(val) & np.isfinite(train)
-        n = int(finite.argmin()) if not finite.all() else EPOCHS
-        if n < 2:
-            continue
-        v, t = val[:n], train[:n]
-        best_v, best_t = np.minimum.accumulate(v), np.minimum.accumulate(t)
-        fell = best_v <= 0.8 * v[0]
-        rose = (v > 1.5 * best_v) & (t > 1.5 * best_t) & fell
-        out[i] = bool(rose.any() or (fell.any() and n < EPOCHS))
+    for i, val in enumerate(pool.val):
+        best, run = math.inf, 0
+        for value in val:
+            learned = best < untrained / 2
+            if not math.isfinite(value):
+                out[i] = learned
+                break
+            run = run + 1 if learned and value > best + (untrained - best) / 2 else 0
+            if run >= 2:
+                out[i] = True
+                break
+            best = min(best, value)
     return out
 
 
-def load_pools(path: Path, part: int) -> list[Pool]:
-    data = np.load(path)
-    curves, task, split = data["curves"], data["task"], data["split"]
-    metrics = list(data["metrics"])
+def load_pools(folder: Path, part: int) -> list[Pool]:
     pools = []
-    for task_id, name in enumerate(data["tasks"]):
-        chosen = curves[(task == task_id) & (split == part)]
+    for path in sorted(folder.glob("*.npz")):
+        data = np.load(path)
+        metrics = list(data["metrics"])
+        chosen = data["curves"][data["split"] == part].astype(np.float64)
         if len(chosen) == 0:
             continue
-        classes = {"wine": 3, "breast_cancer": 2, "digits": 10, "synthetic": 4}[str(name)]
         pools.append(
             Pool(
-                str(name),
-                classes,
-                chosen[:, metrics.index("val_loss")].astype(np.float64),
-                chosen[:, metrics.index("train_loss")].astype(np.float64),
-                chosen[:, metrics.index("grad_norm")].astype(np.float64),
+                path.stem,
+                int(data["classes"]),
+                chosen[:, metrics.index("val_loss")],
+                chosen[:, metrics.index("train_loss")],
+                chosen[:, metrics.index("grad_norm")],
             )
         )
     return pools
@@ -105,7 +110,9 @@ def load_pools(path: Path, part: int) -> list[Pool]:
 
 def replay(pool: Pool, pruner: optuna.pruners.BasePruner, order: np.ndarray) -> np.ndarray:
     """Run the curves in `order`; return the epoch each curve stopped at (negative = pruned)."""
-    study = optuna.create_study(pruner=pruner, sampler=optuna.samplers.RandomSampler(0))
+    study = optuna.create_study(  # a fixed name: Hyperband's brackets hash it
+        study_name=f"replay-{pool.task}", pruner=pruner, sampler=optuna.samplers.RandomSampler(0)
+    )
     stops = np.zeros(len(pool.val), dtype=np.int64)
     for i in order:
         trial = study.ask()
@@ -220,16 +227,15 @@ def table(title: str, results: dict[str, dict[str, float]]) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--curves", type=Path, default=HERE / "curves.npz")
+    parser.add_argument("--curves", type=Path, default=HERE / "curves")
     parser.add_argument("--orders", type=int, default=5)
-    parser.add_argument("--part", choices=["tuning", "held-out", "both"], default="both")
+    parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--only", help="comma-separated pruner names (substring match)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    parts = {"tuning": 0, "held-out": 1}
-    chosen = parts if args.part == "both" else {args.part: parts[args.part]}
+    chosen = PARTS if args.part == "all" else {args.part: PARTS[args.part]}
     console = Console(width=200)
     everything = {}
     for part, code in chosen.items():
@@ -253,7 +259,12 @@ def main() -> None:
             )
         )
         rebound = sum(int(rebounds(p).sum()) for p in pools)
-        console.print(f"{rebound} rebounding curves in this part")
+        nan = sum(int((p.first_bad <= EPOCHS).sum()) for p in pools)
+        flat = sum(int((p.best >= 0.9 * math.log(p.classes)).sum()) for p in pools)
+        console.print(
+            f"{nan} curves go non-finite, {rebound} rebound (see `rebounds`), {flat} never get "
+            f"below 90% of the untrained loss ln(classes)"
+        )
         everything[part] = results
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))
