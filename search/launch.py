@@ -132,19 +132,32 @@ class Launcher:
     def run(
         self, on_progress: Callable[[BudgetState], None] | None = None, poll: float = 0.5
     ) -> BudgetState:
-        """Run until every worker has exited; returns the study's final budget state."""
-        for child in self.children:
-            self._start(child)
-        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_term)}
+        """Run until every worker has exited; returns the study's final budget state.
+
+        Raises:
+            KeyboardInterrupt: after SIGINT or SIGTERM, once every worker has stopped and its
+                running trial was handed back.
+        """
+        signals: list[int] = []
+
+        def on_signal(signum: int, _: Any) -> None:
+            # Only note it: a handler that raised could strike inside a database call. Set
+            # explicitly, since a launcher started in the background inherits SIGINT ignored.
+            if not signals:
+                signals.append(signum)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while not all(c.done for c in self.children):
+            for child in self.children:
+                self._start(child)
+            while not signals and not all(c.done for c in self.children):
                 self._supervise()
                 if on_progress is not None:
                     on_progress(budget_state(self.study))
                 time.sleep(poll)
-        except KeyboardInterrupt:
-            self.stop()
-            raise
+            if signals:
+                self.stop()
+                raise KeyboardInterrupt
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -171,9 +184,6 @@ class Launcher:
             if child.log:
                 child.log.close()
         self._hand_back_orphans()
-
-    def _on_term(self, *_: Any) -> None:
-        raise KeyboardInterrupt
 
     def _start(self, child: _Child) -> None:
         env = {

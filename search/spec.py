@@ -148,7 +148,7 @@ class WorkersSpec(_Model):
     heartbeat_interval: int = Field(5, ge=1)
     grace_period: int = Field(20, ge=2)
     max_retries: int = Field(1, ge=0)
-    max_failures: int | None = Field(None, ge=1)
+    max_failures: int | None = Field(None, ge=1)  # None: max(5, n_trials)
     checkpoint_dir: str | None = None
     oom_grad_accumulation: bool = False
 

@@ -124,7 +124,6 @@ class Worker:
                         self.worker_id,
                     )
                     break
-                self._check_failures()
                 self.stop_event.wait(self.poll_interval)
                 continue
             outcome = self._run_trial(trial)
@@ -133,6 +132,7 @@ class Worker:
                 result.finished += 1
             elif outcome == TrialState.FAIL:
                 result.failed += 1
+                self._check_failures()
         result.preempted = self.stop_event.is_set()
         self.stop_event.set()
         return result
@@ -337,9 +337,8 @@ class Worker:
                 logger.exception("Reaping stale trials failed; will try again.")
 
     def _check_failures(self) -> None:
-        limit = self.spec.workers.max_failures
-        if limit is None:
-            return
+        """Stop when trials keep failing with errors (a bug in the objective, a bad install)."""
+        limit = self.spec.workers.max_failures or max(5, budget_state(self.study).n_trials)
         failed = [
             t
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))

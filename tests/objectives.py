@@ -59,3 +59,8 @@ def oom_unless_accumulated(params: dict[str, Any], device: str, report: Any,
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
     for epoch in range(epochs):
         report(epoch + 1, {"val_loss": 1.0 / (epoch + 1), "accumulation": accumulation_steps})
+
+
+def broken(params: dict[str, Any], device: str, report: Any) -> None:
+    """A user objective with a bug."""
+    raise KeyError("learning_rate")

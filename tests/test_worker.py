@@ -265,3 +265,17 @@ def test_out_of_memory_retried_with_accumulation_keeps_the_batch_size(
     assert retry.params["batch_size"] == 256, "the searched batch size is never changed"
     assert retry.user_attrs["grad_accumulation"] == 4
     assert retry.user_attrs["epoch_metrics"][0]["accumulation"] == 4
+
+
+def test_an_objective_that_always_fails_stops_the_worker_with_one_line(
+    pg_url: str, study_name: str, tmp_path: Path
+) -> None:
+    spec = sleepy_spec(study_name, n_trials=20, objective={"function": "objectives:broken"})
+    spec["workers"] = {**spec["workers"], "max_failures": 3}
+    _create(pg_url, spec)
+    worker = _worker(study_name, pg_url, tmp_path, "w")
+    assert worker.wait(timeout=60) == 2
+    log = _log(tmp_path, "w")
+    assert "Error: 3 trials failed with errors (max_failures=3); the last: error: KeyError" in log
+    trials = _trials(pg_url, study_name)
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
