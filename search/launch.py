@@ -26,7 +26,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.budget import BudgetState, budget_state, study_lock
-from search.retry import enqueue_retry
+from search.retry import fail_and_requeue
 from search.storage import STORAGE_ENV
 
 logger = logging.getLogger(__name__)
@@ -262,13 +262,6 @@ class Launcher:
             for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if trial.user_attrs.get("worker") not in ours:
                     continue
-                storage = self.study._storage
-                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                    storage.set_trial_user_attr(trial._trial_id, "fail_reason", "interrupted")
-                    if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-                        enqueue_retry(
-                            self.study,
-                            storage.get_trial(trial._trial_id),
-                            reason="interrupted",
-                            count_against_limit=False,
-                        )
+                fail_and_requeue(
+                    self.study, trial._trial_id, reason="interrupted", count_against_limit=False
+                )

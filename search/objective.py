@@ -90,26 +90,20 @@ class Reporter:
             if not bad:
                 return
             # The study's pruner kept a non-finite trial: its weights are gone, so stop anyway.
-            record_prune(
-                self.trial,
-                "non-finite",
-                f"{bad[0]} is {row[bad[0]]} at epoch {step}",
-                infeasible=True,
-            )
-        elif "prune_rule" not in self._stored_attrs():
-            record_prune(
-                self.trial,
-                "comparative",
-                f"{self.metric} {value:.4g} at epoch {step} pruned by "
-                f"{type(self.trial.study.pruner).__name__}",
-                infeasible=False,
-            )
-        raise optuna.TrialPruned(self._stored_attrs().get("prune_reason", "pruned"))
-
-    def _stored_attrs(self) -> dict[str, Any]:
-        """The trial's user attributes as stored (the pruner may have written some)."""
+            reason = f"{bad[0]} is {row[bad[0]]} at epoch {step}"
+            record_prune(self.trial, "non-finite", reason, infeasible=True)
+            raise optuna.TrialPruned(reason)
+        # The pruner may have stored its own rule and reason; read them as stored.
         trial = self.trial
-        return dict(trial.study._storage.get_trial_user_attrs(trial._trial_id))
+        stored = trial.study._storage.get_trial_user_attrs(trial._trial_id)
+        if "prune_rule" in stored:
+            raise optuna.TrialPruned(stored.get("prune_reason", "pruned"))
+        reason = (
+            f"{self.metric} {value:.4g} at epoch {step} pruned by "
+            f"{type(trial.study.pruner).__name__}"
+        )
+        record_prune(trial, "comparative", reason, infeasible=False)
+        raise optuna.TrialPruned(reason)
 
     def _track_best(self, step: int, value: float) -> None:
         if not math.isfinite(value):

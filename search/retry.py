@@ -78,12 +78,14 @@ def fail_and_requeue(
     reason: str,
     max_retries: int | None = None,
     count_against_limit: bool = True,
+    fail_reason: str | None = None,
 ) -> bool:
     """Fail a RUNNING trial and queue its retry, safe against a crash between the two steps.
 
     The retry is queued first and only if none exists yet, then the trial is failed: a process
     killed in between leaves a RUNNING trial with its retry queued, and whoever reaps it next
-    only fails it. Call it under `search.budget.study_lock`.
+    only fails it. Call it under `search.budget.study_lock`. The trial's `fail_reason` is
+    `fail_reason` if given, else `reason` (the retry's `retry_reason`).
 
     Returns:
         False if another process finished the trial first (nothing was done).
@@ -101,7 +103,7 @@ def fail_and_requeue(
             count_against_limit=count_against_limit,
         )
     try:
-        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        storage.set_trial_user_attr(trial_id, "fail_reason", fail_reason or reason)
         return bool(storage.set_trial_state_values(trial_id, TrialState.FAIL))
     except optuna.exceptions.UpdateFinishedTrialError:
         return False

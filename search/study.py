@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -77,12 +78,16 @@ def check_compatible(stored: dict[str, Any], spec: StudySpec) -> None:
 
 
 def load_study(
-    name: str, storage: optuna.storages.BaseStorage, *, seed: int | None = None
+    name: str,
+    storage: optuna.storages.BaseStorage,
+    *,
+    seed: int | Callable[[int | None], int | None] | None = None,
 ) -> tuple[optuna.Study, StudySpec]:
     """Load an existing study with the sampler and pruner its stored spec asks for.
 
     Args:
-        seed: the sampler seed for this process; `None` uses the spec's seed as it is.
+        seed: the sampler seed for this process, or a function of the spec's seed (a worker
+            derives its own); `None` uses the spec's seed as it is.
 
     Raises:
         StudyNotFoundError: no study of that name, or it was not created by `search`.
@@ -97,12 +102,10 @@ def load_study(
             f"study {name!r} has no stored spec: it was not created by `search launch`"
         )
     spec = spec_from_dict(stored, source=f"study {name!r}")
-    study = optuna.load_study(
-        study_name=name,
-        storage=storage,
-        sampler=make_sampler(spec, seed=spec.seed if seed is None else seed),
-        pruner=make_pruner(spec.pruning.pruner, spec.pruning.options()),
-    )
+    if callable(seed):
+        seed = seed(spec.seed)
+    study.sampler = make_sampler(spec, seed=spec.seed if seed is None else seed)
+    study.pruner = make_pruner(spec.pruning.pruner, spec.pruning.options())
     return study, spec
 
 

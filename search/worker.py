@@ -22,7 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search.budget import budget_state, study_lock
+from search.budget import BUDGET_ATTR, budget_state, study_lock
 from search.checkpoint import checkpoint_for
 from search.exceptions import EarlyStopped, Preempted, SearchError, TrialLost
 from search.heartbeat import Heartbeat, reap_stale_trials
@@ -40,7 +40,6 @@ from search.oom import (
     reset_peak_memory,
 )
 from search.retry import (
-    enqueue_retry,
     fail_and_requeue,
     replay_chain,
     retry_root,
@@ -87,13 +86,12 @@ class Worker:
         # Optuna warns that heartbeats are meant for Study.optimize; this worker runs its own.
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         self.storage = open_storage(storage_url)
-        _, spec = load_study(study_name, self.storage)
+        self.study, spec = load_study(
+            study_name, self.storage, seed=lambda base: worker_seed(base, self.worker_id)
+        )
         self.spec: StudySpec = spec
         self.storage.heartbeat_interval = spec.workers.heartbeat_interval
         self.storage.grace_period = spec.workers.grace_period
-        self.study, _ = load_study(
-            study_name, self.storage, seed=worker_seed(spec.seed, self.worker_id)
-        )
         self.checkpoint_dir = checkpoint_dir or spec.workers.checkpoint_dir
         self.training = build_training_function(spec)
         if self.checkpoint_dir:
@@ -101,10 +99,6 @@ class Worker:
 
         self.oom = OomRegistry(self.study, device)
         self._current: optuna.Trial | None = None
-
-    def request_stop(self, *_: Any) -> None:
-        """Stop at the next epoch boundary. Safe in a signal handler: it only sets an event."""
-        self.stop_event.set()
 
     def run(self) -> WorkerResult:
         """Loop until the budget is met, the worker is stopped, or failures exceed the limit."""
@@ -294,11 +288,11 @@ class Worker:
             and self.oom.accumulation(params) > accumulation
         ):
             with study_lock(self.study):
-                self._tell(trial, TrialState.FAIL)
-                enqueue_retry(
+                fail_and_requeue(
                     self.study,
-                    self.study._storage.get_trial(trial._trial_id),
+                    trial._trial_id,
                     reason="oom-accumulate",
+                    fail_reason="oom",
                     count_against_limit=False,
                 )
             return TrialState.FAIL
@@ -338,7 +332,8 @@ class Worker:
 
     def _check_failures(self) -> None:
         """Stop when trials keep failing with errors (a bug in the objective, a bad install)."""
-        limit = self.spec.workers.max_failures or max(5, budget_state(self.study).n_trials)
+        budget = int(self.study.user_attrs.get(BUDGET_ATTR, 0))
+        limit = self.spec.workers.max_failures or max(5, budget)
         failed = [
             t
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
