@@ -91,7 +91,14 @@ class Reporter:
                 return
             # The study's pruner kept a non-finite trial: its weights are gone, so stop anyway.
             reason = f"{bad[0]} is {row[bad[0]]} at epoch {step}"
-            record_prune(self.trial, "non-finite", reason, infeasible=True)
+            record_prune(
+                self.trial.study._storage,
+                self.trial._trial_id,
+                "non-finite",
+                reason,
+                infeasible=True,
+                constrain=CONSTRAINT not in self.trial.constraints,
+            )
             raise optuna.TrialPruned(reason)
         # The pruner may have stored its own rule and reason; read them as stored.
         trial = self.trial
@@ -102,7 +109,14 @@ class Reporter:
             f"{self.metric} {value:.4g} at epoch {step} pruned by "
             f"{type(trial.study.pruner).__name__}"
         )
-        record_prune(trial, "comparative", reason, infeasible=False)
+        record_prune(
+            trial.study._storage,
+            trial._trial_id,
+            "comparative",
+            reason,
+            infeasible=False,
+            constrain=False,
+        )
         raise optuna.TrialPruned(reason)
 
     def _track_best(self, step: int, value: float) -> None:
@@ -117,13 +131,30 @@ class Reporter:
             self.best, self.best_epoch = value, step
 
 
-def record_prune(trial: optuna.Trial, rule: str, reason: str, *, infeasible: bool) -> None:
-    """Store why a trial is pruned; an infeasible trial is a constraint violation for TPE."""
-    trial.set_user_attr("prune_rule", rule)
-    trial.set_user_attr("prune_reason", reason)
-    trial.set_user_attr("infeasible", infeasible)
-    if infeasible and CONSTRAINT not in trial.constraints:
-        trial.set_constraint(CONSTRAINT, 1.0)
+def record_prune(
+    storage: optuna.storages.BaseStorage,
+    trial_id: int,
+    rule: str,
+    reason: str,
+    *,
+    infeasible: bool,
+    constrain: bool,
+) -> dict[str, Any]:
+    """Store why a trial is pruned (the one format the worker and the pruners share).
+
+    Args:
+        constrain: also set the Optuna constraint `diverged` = 1.0 (violated); the caller
+            decides, since it knows whether the constraint is set already.
+
+    Returns:
+        The user attributes written: `prune_rule`, `prune_reason`, `infeasible`.
+    """
+    attrs = {"prune_rule": rule, "prune_reason": reason, "infeasible": infeasible}
+    for key, value in attrs.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+    if constrain:
+        storage.set_trial_system_attr(trial_id, f"constraints:{CONSTRAINT}", 1.0)
+    return attrs
 
 
 def build_training_function(spec: StudySpec) -> Callable[..., Any]:

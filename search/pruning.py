@@ -45,7 +45,7 @@ from search.curves import (
     non_finite,
     stall,
 )
-from search.objective import CONSTRAINT
+from search.objective import CONSTRAINT, record_prune
 from search.trend import TrendPruner
 
 __all__ = [
@@ -202,14 +202,20 @@ def record(
     The given frozen trial's `user_attrs` is updated too: `Trial.should_prune` hands the pruner
     a shallow copy of the `optuna.Trial`'s cache, so the caller sees the reason at once.
     """
-    storage, trial_id = study._storage, trial._trial_id
-    attrs = {"prune_rule": verdict.rule, "prune_reason": verdict.reason}
-    for key, value in [*attrs.items(), ("infeasible", verdict.infeasible)]:
-        storage.set_trial_user_attr(trial_id, key, value)
-        trial.user_attrs[key] = value
-    constraint = f"constraints:{CONSTRAINT}"
-    if verdict.infeasible and mark_infeasible and constraint not in trial.system_attrs:
-        storage.set_trial_system_attr(trial_id, constraint, 1.0)
+    constrain = (
+        verdict.infeasible
+        and mark_infeasible
+        and f"constraints:{CONSTRAINT}" not in trial.system_attrs
+    )
+    attrs = record_prune(
+        study._storage,
+        trial._trial_id,
+        verdict.rule,
+        verdict.reason,
+        infeasible=verdict.infeasible,
+        constrain=constrain,
+    )
+    trial.user_attrs.update(attrs)
     logger.info("Trial %d pruned (%s): %s.", trial.number, verdict.rule, verdict.reason)
 
 
