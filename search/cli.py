@@ -30,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # usage errors end in one plain `Error: ...` line, like ours
 )
 console = Console()
 err_console = Console(stderr=True)

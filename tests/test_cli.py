@@ -73,6 +73,8 @@ def test_worker_rejects_a_bad_device() -> None:
     result = runner.invoke(app, ["worker", "s", "--device", "tpu"])
     assert result.exit_code == 2
     assert "expected cpu or cuda:N" in result.output + result.stderr
+    last = (result.stderr or result.output).strip().splitlines()[-1]
+    assert last == "Error: Invalid value for --device: expected cpu or cuda:N, got 'tpu'"
 
 
 def test_real_subprocess_entry_point() -> None:
