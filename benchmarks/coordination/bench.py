@@ -196,7 +196,7 @@ class ConnectionSampler(threading.Thread):
 
 
 def measure(system: str, n: int, *, prefill: int, storage: str, window: float,
-            epoch_seconds: float, workdir: Path) -> dict[str, Any]:
+            epoch_seconds: float, workdir: Path, profile: Path | None = None) -> dict[str, Any]:
     name = f"coord-{system}-{uuid.uuid4().hex[:8]}"
     app = f"coord-{uuid.uuid4().hex[:8]}"
     ledger = workdir / name
@@ -225,10 +225,19 @@ def measure(system: str, n: int, *, prefill: int, storage: str, window: float,
         time.sleep(0.2)
     t0 = time.time()
     t1 = t0 + window
+    spy = None
+    if profile is not None:  # py-spy on one worker for the window: where its CPU goes
+        spy = subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(procs[0].pid),
+             "-d", str(int(window)), "-r", "50", "--nonblocking", "--format", "raw",
+             "-o", str(profile)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while time.time() < t1 and any(p.poll() is None for p in procs):
         time.sleep(0.2)
     t1 = min(t1, time.time())
     exited_early = [p.returncode for p in procs if p.poll() is not None]
+    if spy is not None:
+        spy.wait(timeout=60)
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
@@ -237,15 +246,36 @@ def measure(system: str, n: int, *, prefill: int, storage: str, window: float,
     sampler.stop.set()
     sampler.join()
     result = _read_ledgers(ledger, started, t0, t1, n, epoch_seconds)
+    errors, examples = _count_errors(ledger)
     result.update(
         system=system, workers=n, prefill=prefill, prefill_s=round(prefill_s, 1),
         window_s=round(t1 - t0, 1), max_connections=sampler.peak,
         server_connections_peak=sampler.server_peak,
-        errors=_count_errors(ledger) + sum(1 for rc in exited_early if rc != 0),
+        errors=errors + sum(1 for rc in exited_early if rc != 0), error_examples=examples,
         exited_early=len(exited_early), load_before=load_before, load_after=os.getloadavg()[0],
     )
     optuna.delete_study(study_name=name, storage=normalize_url(storage))
     return result
+
+
+def summarize_profile(path: Path, top: int = 15) -> list[tuple[str, float, float]]:
+    """(function, % of samples inside it, % of samples in it itself) from py-spy raw stacks."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [re.sub(r"\((.*?):\d+\)$", lambda m: f"({Path(m.group(1)).name})", f)
+                  for f in stack.split(";") if f]
+        samples = int(count)
+        total += samples
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + samples
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0) + samples
+    rows = sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]
+    return [(name, round(100 * c / total, 1), round(100 * own.get(name, 0) / total, 1))
+            for name, c in rows] if total else []
 
 
 def _started_pids(ledger: Path) -> set[str]:
@@ -314,13 +344,17 @@ def _ms(values: list[float], q: int) -> float | None:
     return None if value is None else round(value, 2)
 
 
-def _count_errors(ledger: Path) -> int:
-    count = 0
+def _count_errors(ledger: Path) -> tuple[int, list[str]]:
+    """Error lines in the workers' output, and up to three distinct ones as examples."""
+    count, examples = 0, []
     for path in ledger.glob("stderr-*.txt"):
         for line in path.read_text(errors="replace").splitlines():
             if any(pattern in line for pattern in ERROR_PATTERNS):
                 count += 1
-    return count
+                line = re.sub(r"^\S+ \S+ ", "", line.strip())[:300]
+                if line not in examples and len(examples) < 3:
+                    examples.append(line)
+    return count, examples
 
 
 def connections_needed(system: str, n: int) -> int:
@@ -430,6 +464,16 @@ def markdown(results: dict[str, Any]) -> str:
             f"{p['epochs_per_min']:,} ({p['time_lost']:.0%}) | {ratio:.2f}× | "
             f"{_call(s)} · {_call(p)} | {_gap(s)} · {_gap(p)} | {_join(s)} · {_join(p)} | "
             f"{s['max_connections']} / {p['max_connections']} | {s['errors']} / {p['errors']} |")
+    for row in results["rows"]:
+        for system in SYSTEMS:
+            top = row[system].get("profile")
+            if not top:
+                continue
+            lines += ["", f"py-spy of one {system} worker, {row['workers']} workers, "
+                      f"{row['prefill']:,} trials before (% of its non-idle samples: "
+                      "inside / itself):", "", "| function | inside % | itself % |",
+                      "|---|---|---|"]
+            lines += [f"| `{name}` | {inside} | {itself} |" for name, inside, itself in top]
     if results.get("tpe_cost"):
         lines += ["", "TPE `ask` + suggest, in-memory study (the sampler alone):", "",
                   "| sampler | finished trials | p50 ms | p95 ms |", "|---|---|---|---|"]
@@ -474,6 +518,8 @@ def main() -> None:
                         help="names results-LABEL.json and the RESULTS.md section")
     parser.add_argument("--title", default=None, help="the RESULTS.md heading (default LABEL)")
     parser.add_argument("--tpe-cost", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy one worker of each system per measurement (CPU samples)")
     parser.add_argument("--append", action="store_true",
                         help="add the rows to results-LABEL.json instead of starting it anew")
     parser.add_argument("--reserve", type=int, default=5,
@@ -509,9 +555,12 @@ def main() -> None:
                                                   f"{headroom} free"}
                         print(f"{system} x{n}: {row[system]['skipped']}", flush=True)
                         continue
+                    spy = workdir / f"{system}-{n}-{prefill}-{pair}.spy" if args.profile else None
                     row[system] = measure(system, n, prefill=prefill, storage=args.storage,
                                           window=args.window, epoch_seconds=args.epoch_seconds,
-                                          workdir=workdir)
+                                          workdir=workdir, profile=spy)
+                    if spy is not None and spy.exists():
+                        row[system]["profile"] = summarize_profile(spy)
                     print(json.dumps(row[system]), flush=True)
                 results["rows"].append(row)
                 out.write_text(json.dumps(results, indent=1))
