@@ -131,11 +131,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--trials", type=int, default=80)
     parser.add_argument("--epoch-seconds", type=float, default=0.05)
+    parser.add_argument("--only", choices=("search", "sqlite", "journal"), action="append",
+                        help="run only these (default: all three)")
+    parser.add_argument("--out", default="embedded.json")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     rows = []
-    for kind in ("search", "sqlite", "journal"):
+    for kind in args.only or ("search", "sqlite", "journal"):
         with tempfile.TemporaryDirectory() as tmp:
             workdir = Path(tmp)
             row = (run_search(workdir, args.workers, args.trials, args.epoch_seconds)
@@ -147,7 +150,7 @@ def main() -> None:
     results = {"command": "python benchmarks/coordination/embedded.py " + " ".join(sys.argv[1:]),
                "load_before": load_before,
                "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()), "rows": rows}
-    (HERE / "embedded.json").write_text(json.dumps(results, indent=1))
+    (HERE / args.out).write_text(json.dumps(results, indent=1))
     print(f"| storage ({args.workers} workers, budget {args.trials}) | wall s | finished | "
           "epochs/min (lost) | errors | lost reports | exit codes |")
     print("|---|---|---|---|---|---|---|")
