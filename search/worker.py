@@ -36,11 +36,12 @@ from search.reporter import PeerFeed, Reporter
 from search.retry import replay_chain, retry_root
 from search.space import suggest, trainer_params
 from search.spec import StudySpec
-from search.storage import open_storage
+from search.storage import open_storage, retry_transient
 from search.study import load_study
 from search.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
+set_user_attrs = retry_transient(optuna_compat.set_user_attrs)
 
 
 def worker_identity() -> str:
@@ -163,10 +164,9 @@ class Worker:
             optuna_compat.reseed_sampler(self.study.sampler, trial_seed(spec.seed, trial.number))
         params = suggest(trial, spec)
         train_params, derived = trainer_params(params, spec)
-        place = {record.WORKER: self.worker_id, record.HOST: socket.gethostname()}
-        for key, value in {**derived, **place, record.DEVICE: self.device}.items():
-            trial.set_user_attr(key, value)
-        trial.set_user_attr(record.PID, os.getpid())
+        place: dict[str, Any] = {record.WORKER: self.worker_id, record.HOST: socket.gethostname()}
+        place.update({record.DEVICE: self.device, record.PID: os.getpid()})
+        set_user_attrs(self.storage, trial, {**derived, **place})
         blocker = self.oom.blocking_record(train_params)
         if blocker is not None:
             detail = f"at least as large as {blocker}, which ran out of memory"
