@@ -36,6 +36,7 @@ import os
 import random
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -174,7 +175,9 @@ def _env(ledger: Path, app: str, epoch_seconds: float = 0.05) -> dict[str, str]:
 
 
 class ConnectionSampler(threading.Thread):
-    """The most connections with one application name, sampled every 0.25 s."""
+    """The most connections of one measurement's workers, sampled every 0.25 s: those with
+    its application name (PGAPPNAME) or, since search names its own connections
+    `search HOST:PID`, one of its workers' names."""
 
     def __init__(self, storage: str, app: str) -> None:
         super().__init__(daemon=True)
@@ -182,14 +185,16 @@ class ConnectionSampler(threading.Thread):
             normalize_url(storage), poolclass=sqlalchemy.NullPool, isolation_level="AUTOCOMMIT")
         self.app, self.peak, self.stop = app, 0, threading.Event()
         self.server_peak = 0
+        self.names: list[str] = []
 
     def run(self) -> None:
         query = sqlalchemy.text(
-            "SELECT count(*) FILTER (WHERE application_name = :app), count(*) "
-            "FROM pg_stat_activity")
+            "SELECT count(*) FILTER (WHERE application_name = :app "
+            "OR application_name = ANY(:names)), count(*) FROM pg_stat_activity")
         with self.engine.connect() as connection:
             while not self.stop.wait(0.25):
-                ours, total = connection.execute(query, {"app": self.app}).one()
+                ours, total = connection.execute(
+                    query, {"app": self.app, "names": list(self.names)}).one()
                 self.peak = max(self.peak, int(ours))
                 self.server_peak = max(self.server_peak, int(total))
         self.engine.dispose()
@@ -218,6 +223,7 @@ def measure(system: str, n: int, *, prefill: int, storage: str, window: float,
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         started[proc.pid] = time.time()
         procs.append(proc)
+        sampler.names.append(f"search {socket.gethostname()}:{proc.pid}"[:63])
     join_deadline = time.time() + 120
     while time.time() < join_deadline and len(_started_pids(ledger)) < n:
         if all(p.poll() is not None for p in procs):
