@@ -242,13 +242,17 @@ def measure(system: str, n: int, *, prefill: int, storage: str, window: float,
         time.sleep(0.2)
     t1 = min(t1, time.time())
     exited_early = [p.returncode for p in procs if p.poll() is not None]
-    if spy is not None:
-        spy.wait(timeout=60)
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
     for proc in procs:
         proc.wait()
+    if spy is not None:  # it writes what it has when its process is gone
+        try:
+            spy.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
     sampler.stop.set()
     sampler.join()
     result = _read_ledgers(ledger, started, t0, t1, n, epoch_seconds)
