@@ -7,7 +7,9 @@ The tree::
     ├── StorageError            the database cannot be reached or used (URL always masked)
     ├── StudyConflictError      an existing study was defined differently
     ├── StudyNotFoundError      no study of that name in the storage
-    └── ObjectiveError          the objective named in a spec cannot be imported or called
+    ├── ObjectiveError          the objective named in a spec cannot be imported or called
+    └── CheckpointError         the checkpoint folder cannot be created or written
+        └── DiskFullError       ... because its filesystem is full (ENOSPC)
 
 Signals that flow from the training loop back to the worker (not errors):
 
@@ -42,6 +44,14 @@ class StudyNotFoundError(SearchError):
 
 class ObjectiveError(SearchError):
     """The objective named in a spec cannot be imported or does not fit the contract."""
+
+
+class CheckpointError(SearchError):
+    """The checkpoint folder cannot be created or a checkpoint cannot be written."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint could not be written because its filesystem is full (ENOSPC)."""
 
 
 class StopTrial(Exception):

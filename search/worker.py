@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.budget import BUDGET_ATTR, budget_state, study_lock
-from search.checkpoint import checkpoint_for
+from search.checkpoint import Checkpoints
 from search.exceptions import EarlyStopped, Preempted, SearchError, TrialLost
 from search.heartbeat import Heartbeat, reap_stale_trials
 from search.objective import (
@@ -48,7 +48,7 @@ from search.retry import (
 from search.space import suggest, trainer_params
 from search.spec import StudySpec
 from search.storage import open_storage
-from search.study import load_study, worker_seed
+from search.study import load_study, study_uuid, worker_seed
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,12 @@ class Worker:
         self.storage.grace_period = spec.workers.grace_period
         self.checkpoint_dir = checkpoint_dir or spec.workers.checkpoint_dir
         self.training = build_training_function(spec)
+        self.checkpoints: Checkpoints | None = None
         if self.checkpoint_dir:
             import torch  # noqa: F401  (checkpoints need it: import it before holding a trial)
+
+            self.checkpoints = Checkpoints(self.checkpoint_dir, study_name, study_uuid(self.study))
+            self.checkpoints.check_writable()
 
         self.oom = OomRegistry(self.study, device)
         self._current: optuna.Trial | None = None
@@ -178,11 +182,7 @@ class Worker:
             trial.set_user_attr("fail_reason", reason)
             logger.info("Trial %d skipped: %s.", trial.number, reason)
             return self._tell(trial, TrialState.FAIL)
-        checkpoint = (
-            checkpoint_for(self.checkpoint_dir, self.study.study_name, root)
-            if self.checkpoint_dir
-            else None
-        )
+        checkpoint = self.checkpoints.for_chain(root) if self.checkpoints else None
         reporter = Reporter(trial, spec, stop_event=self.stop_event, history=history)
         accumulation = self.oom.accumulation(train_params)
         if accumulation > 1:
@@ -306,10 +306,9 @@ class Worker:
 
     def _resume_history(self, trial: optuna.Trial) -> list[dict[str, float]]:
         """A retried trial with a checkpoint gets its chain's curve up to that epoch."""
-        if not self.checkpoint_dir or not system_attrs(trial).get("retry_history"):
+        if not self.checkpoints or not system_attrs(trial).get("retry_history"):
             return []
-        ckpt = checkpoint_for(self.checkpoint_dir, self.study.study_name, retry_root(trial))
-        state = ckpt.load()
+        state = self.checkpoints.for_chain(retry_root(trial)).load()
         done = int(state["epoch"]) if state and "epoch" in state else 0
         return replay_chain(trial, metric=self.spec.metric, upto_epoch=done)
 
