@@ -86,7 +86,7 @@ def test_finished_trials_leave_nothing_unless_best_weights_are_kept(tmp_path: Pa
 def test_an_unwritable_folder_is_one_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(CheckpointError, match="cannot create checkpoint folder .*a-file"):
+    with pytest.raises(CheckpointError, match=r"cannot create checkpoint folder .*a-file"):
         Checkpoints(blocker / "ckpt", "s", "d" * 32).check_writable()
 
 
