@@ -8,6 +8,7 @@ The tree::
     ├── StudyConflictError      an existing study was defined differently
     ├── StudyNotFoundError      no study of that name in the storage
     ├── ObjectiveError          the objective named in a spec cannot be imported or called
+    ├── LaunchError             `search launch` cannot start its workers as asked (a GPU absent)
     └── CheckpointError         the checkpoint folder cannot be created or written
         └── DiskFullError       ... because its filesystem is full (ENOSPC)
 
@@ -44,6 +45,10 @@ class StudyNotFoundError(SearchError):
 
 class ObjectiveError(SearchError):
     """The objective named in a spec cannot be imported or does not fit the contract."""
+
+
+class LaunchError(SearchError):
+    """The launcher cannot start its workers as asked (e.g. a requested GPU is absent)."""
 
 
 class CheckpointError(SearchError):

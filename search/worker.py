@@ -356,7 +356,7 @@ def run_worker(
     device: str = "cpu",
     worker_id: str | None = None,
     checkpoint_dir: str | None = None,
-    stop_timeout: float = 120.0,
+    stop_timeout: float = 50.0,
 ) -> WorkerResult:
     """Run one worker in this process with signal handling; used by `search worker`.
 
