@@ -53,11 +53,11 @@ def test_visible_gpus_respects_cuda_visible_devices(monkeypatch: pytest.MonkeyPa
     assert visible_gpus() == expected
 
 
-def _launcher(spec_path: Path, storage: str, *args: str) -> subprocess.Popen[str]:
+def _launcher(spec_path: Path, storage: str, *args: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "search", "launch", str(spec_path), "--storage", storage,
          "--no-progress", "--log-dir", str(spec_path.parent / "logs"), *args],
-        env=cli_env(SEARCH_TEST_EPOCH_SECONDS="0.4"), stdout=subprocess.PIPE,
+        env=cli_env(SEARCH_TEST_EPOCH_SECONDS="0.4", **env), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -81,10 +81,12 @@ def _wait_running(storage: str, name: str, timeout: float = 60) -> None:
 @pytest.mark.slow
 def test_gpu_dispatch_sets_cuda_visible_devices_per_worker(
         sqlite_url: str, study_name: str, write_spec) -> None:
-    # No GPU here: the objective only reports the CUDA_VISIBLE_DEVICES its worker was given.
+    # No GPU here: the machine declares six (CUDA_VISIBLE_DEVICES) and the objective only
+    # reports the CUDA_VISIBLE_DEVICES its worker was given.
     spec = write_spec(sleepy_spec(study_name, n_trials=8, epochs=1,
                                   objective={"function": "objectives:env_probe"}))
-    launcher = _launcher(spec, sqlite_url, "--gpus", "3,5", "--workers-per-gpu", "2")
+    launcher = _launcher(spec, sqlite_url, "--gpus", "3,5", "--workers-per-gpu", "2",
+                         CUDA_VISIBLE_DEVICES="0,1,2,3,4,5")
     _, err = launcher.communicate(timeout=180)
     assert launcher.returncode == 0, err[-3000:]
     trials = _trials(sqlite_url, study_name)
