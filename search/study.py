@@ -20,7 +20,7 @@ import optuna
 
 from search import record
 from search.budget import budget_state, study_lock
-from search.exceptions import StudyConflictError, StudyNotFoundError
+from search.exceptions import SpecError, StudyConflictError, StudyNotFoundError
 from search.pruning import make_pruner
 from search.spec import StudySpec, spec_from_dict
 from search.storage import mask_url
@@ -109,8 +109,9 @@ def create_or_update_study(
             study.set_user_attr(record.SPEC, new)
             logger.info("Created study %r.", spec.name)
             return StudyUpdate(study, created=True)
-        changes, merged = _plan_update(study, stored, new, attrs, n_trials)
-        if changes or any(stored.get(f) is not None for f in UNSTORED_FIELDS):
+        secret = any(stored.get(f) is not None for f in UNSTORED_FIELDS)
+        changes, merged = _plan_update(study, _with_defaults(stored), new, attrs, n_trials)
+        if changes or secret:
             _apply(study, changes, merged, attrs)
     logger.info("Continuing study %r with %d trials.", spec.name, len(study.trials))
     return StudyUpdate(study, created=False, changes=tuple(changes))
@@ -122,6 +123,14 @@ def stored_spec(spec: StudySpec) -> dict[str, Any]:
     for field_name in UNSTORED_FIELDS:
         resolved.pop(field_name, None)
     return resolved
+
+
+def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """The stored spec with fields added since it was stored filled with their defaults."""
+    try:
+        return stored_spec(spec_from_dict(stored, source="the stored spec"))
+    except SpecError:
+        return {k: v for k, v in stored.items() if k not in UNSTORED_FIELDS}
 
 
 def _plan_update(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import pytest
 from conftest import cli_env, sleepy_spec
 from optuna.trial import TrialState
 
-from search.launch import plan_workers, visible_gpus
+from search.exceptions import LaunchError
+from search.launch import check_gpus, plan_workers, visible_gpus
 from search.storage import open_storage
 
 
@@ -127,3 +129,25 @@ def test_a_crashed_worker_is_restarted_and_the_budget_is_still_exact(
     states = Counter(t.state for t in _trials(sqlite_url, study_name))
     assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 6
     assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0
+
+
+@pytest.mark.parametrize(("requested", "available", "ids"), [
+    ("0", ["0", "1"], ["0"]),
+    ("1, 0", ["0", "1"], ["1", "0"]),
+    ("2,3", ["2", "3"], ["2", "3"]),  # CUDA_VISIBLE_DEVICES=2,3 declares physical ids 2 and 3
+])
+def test_requested_gpus_that_exist_are_used(requested: str, available: list[str],
+                                            ids: list[str]) -> None:
+    assert check_gpus(requested, available) == ids
+
+
+@pytest.mark.parametrize(("requested", "available", "missing"), [
+    ("0", [], "no GPU 0 (GPUs visible here: none;"),
+    ("1,4", ["0", "1"], "no GPU 4 (GPUs visible here: 0, 1;"),
+    (",", ["0"], "no GPU , (GPUs visible here: 0;"),
+])
+def test_requested_gpus_this_machine_lacks_are_refused(requested: str, available: list[str],
+                                                       missing: str) -> None:
+    with pytest.raises(LaunchError, match=re.escape(f"--gpus {requested}: this machine has "
+                                                    f"{missing}")):
+        check_gpus(requested, available)

@@ -162,3 +162,12 @@ def test_of_two_concurrent_creates_with_different_spaces_exactly_one_wins(
         refused, won = _race(pg_url, f"{study_name}-{attempt}")
         assert won == "won", (refused, won)
         assert refused.startswith("refused: ") and "space.x.high: stored" in refused
+
+
+def test_fields_added_by_a_newer_version_are_not_changes(sqlite_url: str, study_name: str) -> None:
+    spec = sleepy_spec(study_name)
+    study = _update(sqlite_url, spec).study
+    older = dict(study.user_attrs[record.SPEC])
+    del older["workers"]["keep_checkpoints"]  # as stored before that field existed
+    study.set_user_attr(record.SPEC, older)
+    assert _update(sqlite_url, spec).changes == ()
