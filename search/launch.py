@@ -149,6 +149,7 @@ class _Child:
     restarts: int = 0  # crashes in a row, reset once the worker is healthy
     restart_at: float | None = None
     done: bool = False
+    last_exit: int | None = None
     worker_ids: list[str] = field(default_factory=list)
 
 
@@ -265,12 +266,17 @@ class Launcher:
         )
 
     def first_cause(self) -> str | None:
-        """Why the workers stopped: the last error line of a worker log, else the last
-        `fail_reason` of a trial this launcher's workers ran."""
+        """Why the workers stopped: the last error line of a worker log, else the signal that
+        killed one, else the last `fail_reason` of a trial this launcher's workers ran."""
         for child in self.children:
             cause = _last_error_line(child.log_path)
             if cause:
                 return cause
+        for child in self.children:
+            if child.last_exit is not None and child.last_exit < 0:
+                name = _signal_name(-child.last_exit)
+                hint = " (out of memory?)" if name == "SIGKILL" else ""
+                return f"worker {child.worker_id} was killed by {name}{hint}"
         ours = {i for c in self.children for i in c.worker_ids}
         failed = [
             t
@@ -337,6 +343,7 @@ class Launcher:
                 continue
             if child.log:
                 child.log.close()
+            child.last_exit = code
             self._exited(child, code, now)
 
     def _exited(self, child: _Child, code: int, now: float) -> None:
@@ -398,6 +405,13 @@ class Launcher:
                     reason=Outcome.INTERRUPTED.value,
                     count_against_limit=False,
                 )
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _last_error_line(path: Path) -> str | None:

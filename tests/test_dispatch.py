@@ -17,7 +17,7 @@ from conftest import cli_env, sleepy_spec
 from optuna.trial import TrialState
 
 from search.exceptions import LaunchError
-from search.launch import check_gpus, plan_workers, visible_gpus
+from search.launch import _last_error_line, check_gpus, plan_workers, visible_gpus
 from search.storage import open_storage
 
 
@@ -151,3 +151,19 @@ def test_requested_gpus_this_machine_lacks_are_refused(requested: str, available
     with pytest.raises(LaunchError, match=re.escape(f"--gpus {requested}: this machine has "
                                                     f"{missing}")):
         check_gpus(requested, available)
+
+
+@pytest.mark.parametrize(("log", "cause"), [
+    ("... INFO search.worker: Trial 0 started\nError: 5 trials failed with errors "
+     "(max_failures=5); the last: error: RuntimeError: boom\n",
+     "5 trials failed with errors (max_failures=5); the last: error: RuntimeError: boom"),
+    ("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+     "torch.AcceleratorError: Torch not compiled with CUDA enabled\n"
+     "2026-12-01 10:00:00,000 INFO search.cli: Worker done\n",
+     "torch.AcceleratorError: Torch not compiled with CUDA enabled"),
+    ("2026-12-01 10:00:00,000 INFO search.worker: Trial 0 finished\n", None),
+])
+def test_the_first_cause_is_read_from_a_worker_log(tmp_path: Path, log: str,
+                                                   cause: str | None) -> None:
+    (tmp_path / "worker-0.log").write_text(log)
+    assert _last_error_line(tmp_path / "worker-0.log") == cause
