@@ -119,6 +119,7 @@ def launch(
     ] = True,
 ) -> None:
     """Create the study (or continue it) and run workers on this machine until it is done."""
+    from search.ending import check_result
     from search.launch import Launcher, check_gpus, plan_workers, visible_gpus
     from search.report import best_summary, progress_display
     from search.spec import load_spec
@@ -160,7 +161,9 @@ def launch(
             err_console.print("Interrupted: workers stopped, running trials handed back.")
             raise typer.Exit(130) from None
         console.print(best_summary(study, final))
-        if not final.done:
+        if final.done:
+            check_result(study)
+        else:
             raise SearchError(launcher.failure_summary(final))
 
 
@@ -186,14 +189,14 @@ def worker(
             "--stop-timeout",
             min=1,
             help="Seconds to wait for an epoch boundary after SIGTERM "
-            "before handing the trial back and exiting (`search launch` waits 10 s longer "
-            "before it kills a worker).",
+            "before handing the trial back and exiting (a second signal: at once; "
+            "`search launch` kills a worker 10 s after this).",
         ),
     ] = 50.0,
 ) -> None:
     """Pull trials of STUDY from the database and train them until the budget is met."""
     from search.storage import resolve_storage_url
-    from search.worker import run_worker
+    from search.watchdog import EXIT_RECYCLE, run_worker
 
     if device != "cpu" and not device.startswith("cuda"):
         raise typer.BadParameter(f"expected cpu or cuda:N, got {device!r}", param_hint="--device")
@@ -212,6 +215,8 @@ def worker(
         result.failed,
         " (stopped by signal)" if result.preempted else "",
     )
+    if result.recycle:
+        raise typer.Exit(EXIT_RECYCLE)
 
 
 @app.command()

@@ -13,7 +13,7 @@ back exactly the trials of the workers it had to kill) and write to their own lo
 
 Supervision: a crashed worker is restarted with backoff, up to `MAX_RESTARTS` times in a row
 (the count starts again once a worker has finished a trial or run `healthy_after` seconds); a
-worker that exits with `RECYCLE_EXIT` asks to be replaced by a fresh process and is restarted
+worker that exits with `EXIT_RECYCLE` asks to be replaced by a fresh process and is restarted
 at once; one that exits 0 while the study is not done (a SIGTERM this launcher did not send) is
 restarted and logged. On SIGINT/SIGTERM every worker is asked to stop at its next epoch
 (`--stop-timeout`, `WORKER_STOP_TIMEOUT`) and killed `STOP_GRACE` seconds after that; a second
@@ -41,19 +41,19 @@ from typing import IO, Any
 import optuna
 from optuna.trial import TrialState
 
-from search.budget import BudgetState, budget_state, study_lock
+from search import optuna_compat, record
+from search.budget import BudgetState, budget_state
 from search.exceptions import LaunchError
-from search.record import WORKER, Outcome
+from search.record import Outcome
 from search.retry import fail_and_requeue
 from search.storage import STORAGE_ENV
+from search.watchdog import EXIT_RECYCLE, RECYCLE_ENV, STOP_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
 MAX_RESTARTS = 3
-#: Exit code of a worker that wants to be replaced by a fresh process (EX_TEMPFAIL).
-RECYCLE_EXIT = 75
 #: Seconds a worker waits for an epoch boundary after SIGTERM before it hands its trial back.
-WORKER_STOP_TIMEOUT = 50.0
+WORKER_STOP_TIMEOUT = STOP_TIMEOUT
 #: The launcher kills a worker this many seconds after the worker's own stop timeout.
 STOP_GRACE = 10.0
 #: A worker that has run this long counts as healthy: its crash count starts again.
@@ -281,9 +281,9 @@ class Launcher:
         failed = [
             t
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-            if t.user_attrs.get(WORKER) in ours and t.user_attrs.get("fail_reason")
+            if t.user_attrs.get(record.WORKER) in ours and t.user_attrs.get(record.FAIL_REASON)
         ]
-        return str(failed[-1].user_attrs["fail_reason"]) if failed else None
+        return str(failed[-1].user_attrs[record.FAIL_REASON]) if failed else None
 
     def _start(self, child: _Child) -> None:
         child.starts += 1
@@ -293,6 +293,7 @@ class Launcher:
             **os.environ,
             **child.plan.env,
             STORAGE_ENV: self.storage_url,
+            RECYCLE_ENV: "1",
             "PYTHONUNBUFFERED": "1",
         }
         command = [sys.executable, "-m", "search"]
@@ -350,7 +351,7 @@ class Launcher:
         state = budget_state(self.study)
         if self._stopping or state.done:
             child.done = True
-        elif code == RECYCLE_EXIT:
+        elif code == EXIT_RECYCLE:
             logger.info("Worker %s asked to be replaced; starting a fresh one.", child.worker_id)
             self._start(child)
         elif code == 2 or child.restarts >= MAX_RESTARTS:
@@ -389,22 +390,23 @@ class Launcher:
     def _finished_worker_ids(self) -> set[str]:
         done = (TrialState.COMPLETE, TrialState.PRUNED)
         return {
-            str(t.user_attrs.get(WORKER))
+            str(t.user_attrs.get(record.WORKER))
             for t in self.study.get_trials(deepcopy=False, states=done)
         }
 
     def _hand_back(self, worker_ids: set[str]) -> None:
         """Trials left RUNNING by the workers this launcher killed are failed and requeued."""
-        with study_lock(self.study):
-            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if trial.user_attrs.get(WORKER) not in worker_ids:
-                    continue
-                fail_and_requeue(
-                    self.study,
-                    trial._trial_id,
-                    reason=Outcome.INTERRUPTED.value,
-                    count_against_limit=False,
-                )
+        storage = optuna_compat.storage_of(self.study)
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get(record.WORKER) not in worker_ids:
+                continue
+            fail_and_requeue(
+                storage,
+                optuna_compat.study_id(self.study),
+                optuna_compat.trial_id(trial),
+                Outcome.INTERRUPTED,
+                max_retries=None,
+            )
 
 
 def _signal_name(number: int) -> str:

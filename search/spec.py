@@ -156,6 +156,8 @@ class WorkersSpec(_Model):
     oom_grad_accumulation: bool = False
     #: Replace the worker process by a fresh one (exit code 75) after this many trials.
     recycle_after: int | None = Field(None, ge=1)
+    epoch_timeout: float | None = Field(None, gt=0)  # seconds between two reports
+    trial_timeout: float | None = Field(None, gt=0)  # seconds from claim to the end
 
     @model_validator(mode="after")
     def _grace_exceeds_interval(self) -> WorkersSpec:

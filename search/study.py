@@ -8,7 +8,6 @@ person reviewing or resuming the study sees how it was defined.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import uuid
@@ -272,14 +271,6 @@ def make_sampler(spec: StudySpec, *, seed: int | None) -> optuna.samplers.BaseSa
         multivariate=spec.sampler.multivariate,
         constant_liar=True,
     )
-
-
-def worker_seed(base: int | None, worker_id: str) -> int | None:
-    """A per-worker seed derived from the spec seed, so seeded workers never repeat each other."""
-    if base is None:
-        return None
-    digest = hashlib.sha256(f"{base}:{worker_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
 
 
 def _not_found(name: str, storage: optuna.storages.BaseStorage) -> str:
