@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy
 import yaml
 
-from search.storage import normalize_url
+from search.storage import mask_url, normalize_url
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_ENV = "SEARCH_TEST_POSTGRES_URL"
@@ -20,18 +20,52 @@ DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
 @pytest.fixture(scope="session")
 def pg_url() -> str:
-    """The real PostgreSQL test database. Unreachable is a failure, never a skip."""
+    """The real PostgreSQL test database, created when the server lacks it.
+
+    Unreachable is a failure, never a skip.
+    """
     url = os.environ.get(POSTGRES_ENV, DEFAULT_POSTGRES)
+    try:
+        if not _database_exists(url):
+            _create_database(url)
+    except sqlalchemy.exc.OperationalError as e:
+        pytest.fail(f"PostgreSQL at {mask_url(url)} is not reachable ({e.orig}); start it or "
+                    f"set {POSTGRES_ENV}", pytrace=False)
+    return url
+
+
+def _database_exists(url: str) -> bool:
     engine = sqlalchemy.create_engine(normalize_url(url), connect_args={"connect_timeout": 5})
     try:
         with engine.connect() as connection:
             connection.execute(sqlalchemy.text("SELECT 1"))
+        return True
     except sqlalchemy.exc.OperationalError as e:
-        pytest.fail(f"PostgreSQL at {url} is not reachable ({e.orig}); start it or set "
-                    f"{POSTGRES_ENV}", pytrace=False)
+        if "does not exist" not in str(e.orig):
+            raise
+        return False
     finally:
         engine.dispose()
-    return url
+
+
+def _create_database(url: str) -> None:
+    """CREATE DATABASE through the server's `postgres` database (a race with another run that
+    creates it at the same moment is fine)."""
+    target = sqlalchemy.engine.make_url(normalize_url(url))
+    admin = sqlalchemy.create_engine(
+        target.set(database="postgres"),
+        connect_args={"connect_timeout": 5},
+        isolation_level="AUTOCOMMIT",
+    )
+    quoted = admin.dialect.identifier_preparer.quote(target.database or "")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f"CREATE DATABASE {quoted}"))
+    except sqlalchemy.exc.ProgrammingError as e:
+        if "already exists" not in str(e.orig):
+            raise
+    finally:
+        admin.dispose()
 
 
 @pytest.fixture
