@@ -21,11 +21,43 @@ from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+from typer.core import TyperGroup
 
+import search
 from search.exceptions import SearchError
+
+
+class _OneLineUsageError(ClickException):
+    exit_code = 2
+
+
+class _SearchGroup(TyperGroup):
+    """The command tree; a usage error (missing argument, unknown option, bad value) is one
+    plain line, `Error: ...`, exit 2, like every error `search` explains."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise  # `search` alone prints the help
+    except UsageError as e:
+        raise _OneLineUsageError(e.format_message()) from e
+
 
 app = typer.Typer(
     name="search",
+    cls=_SearchGroup,
     help="Hyperparameter search for PyTorch training with Optuna: one machine or a GPU fleet.",
     no_args_is_help=True,
     add_completion=False,
@@ -56,10 +88,22 @@ CheckpointOption = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"search {search.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show tracebacks and debug logs.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     _state["debug"] = debug
@@ -68,6 +112,8 @@ def _main(
 
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
+    """Around a command's work: Optuna's logging set up, `SearchError` as one `Error:` line."""
+    _configure_optuna_logging(_state["debug"])
     try:
         yield
     except SearchError as e:
@@ -298,7 +344,10 @@ def _configure_logging(debug: bool) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
-    import optuna
+
+
+def _configure_optuna_logging(debug: bool) -> None:
+    import optuna  # here, not at start-up: help and usage errors do not need it
 
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()

@@ -131,7 +131,7 @@ def open_storage(
                 raise StorageError(
                     f"cannot open storage {mask_url(url)} ({describe_url(url)}): {reason}. "
                     f"Is the database running and the URL right? "
-                    f"Try `search status --storage '{mask_url(url)}'`"
+                    'Try `search status --storage "$SEARCH_STORAGE"` with SEARCH_STORAGE set to it'
                 ) from None
             logger.warning(
                 "Storage %s not ready (%s); retrying in %.1f s.", describe_url(url), reason, delay

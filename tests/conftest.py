@@ -1,21 +1,36 @@
-"""Shared fixtures: real storages (a SQLite file per test, the real PostgreSQL), study files."""
+"""Shared fixtures and helpers: real storages (a SQLite file per test, the real PostgreSQL),
+study files, `search` subprocesses, waits with deadlines and the exact-budget check."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import optuna
 import pytest
 import sqlalchemy
 import yaml
+from optuna.trial import FrozenTrial, TrialState
 
-from search.storage import mask_url, normalize_url
+from search.storage import mask_url, normalize_url, open_storage
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_ENV = "SEARCH_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the real PostgreSQL (the `pg_url` fixture) carries `postgres`."""
+    for item in items:
+        if "pg_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
 
 
 @pytest.fixture(scope="session")
@@ -142,3 +157,71 @@ def sleepy_spec(name: str, **overrides: Any) -> dict[str, Any]:
     }
     spec.update(overrides)
     return spec
+
+
+# --- `search` processes, waits and the exact budget ----------------------------------------
+
+_T = TypeVar("_T")
+
+
+def search_command(*args: str) -> list[str]:
+    """The argv of a real `search ...` process run by this interpreter."""
+    return [sys.executable, "-m", "search", *args]
+
+
+def start_worker(
+    name: str, url: str, log_dir: Path, worker_id: str, *extra: str, epoch_seconds: float = 0.3
+) -> subprocess.Popen[bytes]:
+    """A real `search worker` process on study `name`; its output goes to `worker_log`."""
+    log = (log_dir / f"{worker_id}.log").open("wb")
+    return subprocess.Popen(
+        search_command("worker", name, "--worker-id", worker_id, *extra),
+        env=cli_env(url, SEARCH_TEST_EPOCH_SECONDS=str(epoch_seconds)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def worker_log(log_dir: Path, worker_id: str) -> str:
+    return (log_dir / f"{worker_id}.log").read_text()
+
+
+def wait_for(predicate: Callable[[], _T | None], timeout: float, what: str) -> _T:
+    """Poll `predicate` until it returns something truthy (returned), or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def load_trials(url: str, name: str) -> list[FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
+
+
+def running_with_epochs(url: str, name: str, epochs: int) -> FrozenTrial | None:
+    """A RUNNING trial with at least `epochs` reported epochs; None (also while the study does
+    not exist yet)."""
+    try:
+        found = load_trials(url, name)
+    except KeyError:
+        return None
+    for trial in found:
+        if trial.state == TrialState.RUNNING and len(trial.intermediate_values) >= epochs:
+            return trial
+    return None
+
+
+def assert_exact_budget(url: str, name: str, n: int) -> optuna.Study:
+    """The budget is met exactly: `n` finished (COMPLETE + PRUNED), nothing RUNNING or WAITING,
+    no trial number twice."""
+    study = optuna.load_study(study_name=name, storage=open_storage(url))
+    found = study.get_trials()
+    states = Counter(t.state for t in found)
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == n, states
+    assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0, states
+    numbers = [t.number for t in found]
+    assert len(numbers) == len(set(numbers)), numbers
+    return study
