@@ -25,6 +25,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageErro
 from typer.core import TyperGroup
 
 import search
+from search import config
 from search.exceptions import SearchError
 
 
@@ -168,12 +169,12 @@ def launch(
     from search.launch import Launcher, plan_workers, visible_gpus
     from search.report import best_summary, progress_display
     from search.spec import load_spec
-    from search.storage import mask_url, open_storage, resolve_storage_url
+    from search.storage import mask_url, open_storage
     from search.study import create_or_load_study
 
     with _errors():
         spec = load_spec(spec_path)
-        url = resolve_storage_url(storage, spec.storage)
+        url = config.storage_url(storage, spec.storage)
         study = create_or_load_study(spec, open_storage(url), n_trials=n_trials)
         gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else visible_gpus()
         plans = plan_workers(workers=workers, gpus=gpu_ids, workers_per_gpu=workers_per_gpu)
@@ -193,7 +194,7 @@ def launch(
             url,
             plans,
             log_dir=log_dir or Path("search-logs") / spec.name,
-            checkpoint_dir=checkpoint_dir,
+            checkpoint_dir=config.checkpoint_dir(checkpoint_dir, spec.workers.checkpoint_dir),
             debug=_state["debug"],
         )
         try:
@@ -237,7 +238,6 @@ def worker(
     ] = 120.0,
 ) -> None:
     """Pull trials of STUDY from the database and train them until the budget is met."""
-    from search.storage import resolve_storage_url
     from search.worker import run_worker
 
     if device != "cpu" and not device.startswith("cuda"):
@@ -245,7 +245,7 @@ def worker(
     with _errors():
         result = run_worker(
             study_name,
-            resolve_storage_url(storage),
+            config.storage_url(storage),
             device=device,
             worker_id=worker_id,
             checkpoint_dir=checkpoint_dir,
@@ -269,12 +269,12 @@ def create(
 ) -> None:
     """Create the study (or check the existing one matches) without running trials."""
     from search.spec import load_spec
-    from search.storage import mask_url, open_storage, resolve_storage_url
+    from search.storage import mask_url, open_storage
     from search.study import create_or_load_study
 
     with _errors():
         spec = load_spec(spec_path)
-        url = resolve_storage_url(storage, spec.storage)
+        url = config.storage_url(storage, spec.storage)
         study = create_or_load_study(spec, open_storage(url), n_trials=n_trials)
         typer.echo(
             f"Study {study.study_name} ready in {mask_url(url)} "
@@ -293,10 +293,10 @@ def status(
 ) -> None:
     """Show trial counts per state, the best value and its parameters."""
     from search.report import status_rows, study_status
-    from search.storage import open_storage, resolve_storage_url
+    from search.storage import open_storage
 
     with _errors():
-        opened = open_storage(resolve_storage_url(storage), connect_timeout=5)
+        opened = open_storage(config.storage_url(storage), connect_timeout=5)
         data: Any = study_status(opened, study_name) if study_name else status_rows(opened)
     if as_json:
         typer.echo(json.dumps(data, indent=2, default=str))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -19,13 +18,14 @@ import optuna
 import sqlalchemy.exc
 from sqlalchemy.engine import make_url
 
+from search import config
+from search.config import CONNECT_TIMEOUT_ENV as CONNECT_TIMEOUT_ENV  # re-exported
+from search.config import DEFAULT_STORAGE as DEFAULT_STORAGE
+from search.config import STORAGE_ENV as STORAGE_ENV
 from search.exceptions import StorageError
 
 logger = logging.getLogger(__name__)
 
-STORAGE_ENV = "SEARCH_STORAGE"
-DEFAULT_STORAGE = "sqlite:///search.db"
-CONNECT_TIMEOUT_ENV = "SEARCH_CONNECT_TIMEOUT"
 #: Connections one worker may hold: main loop + heartbeat thread + budget lock + one spare.
 POOL_SIZE = 3
 POOL_OVERFLOW = 1
@@ -41,10 +41,7 @@ _T = TypeVar("_T")
 
 def resolve_storage_url(cli: str | None = None, spec: str | None = None) -> str:
     """The storage URL by precedence: CLI flag > `SEARCH_STORAGE` > study file > default."""
-    for candidate in (cli, os.environ.get(STORAGE_ENV), spec):
-        if candidate:
-            return candidate
-    return DEFAULT_STORAGE
+    return config.storage_url(cli, spec)
 
 
 def normalize_url(url: str) -> str:
@@ -112,9 +109,7 @@ def open_storage(
             pool_timeout=60,
             connect_args={"connect_timeout": 10},
         )
-    if connect_timeout is None:
-        connect_timeout = float(os.environ.get(CONNECT_TIMEOUT_ENV, "30"))
-    deadline = time.monotonic() + connect_timeout
+    deadline = time.monotonic() + config.connect_timeout(connect_timeout)
     delay = 0.5
     while True:
         try:

@@ -14,6 +14,7 @@ from typing import Any
 
 import optuna
 
+from search import config
 from search.budget import BUDGET_ATTR
 from search.exceptions import StudyConflictError, StudyNotFoundError
 from search.pruning import make_pruner
@@ -57,7 +58,7 @@ def create_or_load_study(
     else:
         check_compatible(stored, spec)
         logger.info("Continuing study %r with %d trials.", spec.name, len(study.trials))
-    budget = n_trials if n_trials is not None else spec.n_trials
+    budget = config.n_trials(n_trials, spec.n_trials)
     if study.user_attrs.get(BUDGET_ATTR) != budget:
         study.set_user_attr(BUDGET_ATTR, budget)
     return study
