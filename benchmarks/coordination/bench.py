@@ -474,7 +474,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{p['epochs_per_min']:,} ({p['time_lost']:.0%}) | {ratio:.2f}× | "
             f"{_call(s)} · {_call(p)} | {_gap(s)} · {_gap(p)} | {_join(s)} · {_join(p)} | "
             f"{s['max_connections']} / {p['max_connections']} | {s['errors']} / {p['errors']} |")
-    for row in results["rows"]:
+    profiled = [r for r in results["rows"] if any(r[x].get("profile") for x in SYSTEMS)]
+    for row in [r for r in profiled if r["workers"] == 16 and not r["prefill"]][:1]:
         for system in SYSTEMS:
             top = row[system].get("profile")
             if not top:
@@ -535,7 +536,13 @@ def main() -> None:
                         help="add the rows to results-LABEL.json instead of starting it anew")
     parser.add_argument("--reserve", type=int, default=5,
                         help="connections to leave free for others on the shared server")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite RESULTS.md from results-LABEL.json")
     args = parser.parse_args()
+    if args.render:
+        write_results_md(args.title or args.label,
+                         markdown(json.loads((HERE / f"results-{args.label}.json").read_text())))
+        return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ensure_database(args.storage)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
