@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,8 +55,9 @@ def _ledger_stats(ledger: Path, n: int, epoch_seconds: float) -> dict[str, Any]:
             "ideal_per_min": round(ideal), "time_lost": round(1 - per_minute / ideal, 3)}
 
 
-def _errors(folder: Path) -> dict[str, int]:
+def _errors(folder: Path) -> dict[str, Any]:
     counts: Counter[str] = Counter()
+    examples: list[str] = []
     for path in folder.rglob("*"):
         if (not path.is_file() or path.parent.name == "ledger" or path.name == "journal.log"
                 or path.suffix not in (".txt", ".log")):
@@ -64,7 +66,9 @@ def _errors(folder: Path) -> dict[str, int]:
             for pattern in ERROR_PATTERNS:
                 if pattern in line:
                     counts[pattern.strip()] += 1
-    return dict(counts)
+                    if pattern != "Traceback" and len(examples) < 3 and line not in examples:
+                        examples.append(line.strip()[:300])
+    return {**counts, "examples": examples} if counts else {}
 
 
 def _study_stats(storage: Any, name: str) -> dict[str, Any]:
@@ -145,6 +149,10 @@ def main() -> None:
                    if kind == "search" else
                    run_plain(workdir, kind, args.workers, args.trials, args.epoch_seconds))
             row["lost_reports"] = row["report_calls"] - row["stored_reports"]
+            if row["errors"]:  # keep the logs to read
+                kept = Path(tempfile.mkdtemp(prefix=f"embedded-{kind}-"))
+                shutil.copytree(workdir, kept, dirs_exist_ok=True)
+                row["logs_kept_in"] = str(kept)
             print(json.dumps(row), flush=True)
             rows.append(row)
     results = {"command": "python benchmarks/coordination/embedded.py " + " ".join(sys.argv[1:]),
@@ -155,7 +163,7 @@ def main() -> None:
           "epochs/min (lost) | errors | lost reports | exit codes |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
+        errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items() if k != "examples") or "0"
         print(f"| {r['system']} | {r['wall_s']} | {r['finished']} / {args.trials} | "
               f"{r['epochs_per_min']:,} ({r['time_lost']:.0%}) | {errors} | "
               f"{r['lost_reports']} | {sorted(set(r['exit_codes']))} |")
