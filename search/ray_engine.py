@@ -1,0 +1,385 @@
+"""Ray: keep one worker actor per cluster GPU alive, each running the `search worker` loop.
+
+`search launch SPEC --ray ADDRESS` connects to a Ray cluster and, every `poll` seconds,
+compares the actors it wants with the nodes that are alive (`plan_actors`): `workers_per_gpu`
+actors per GPU of each node, each pinned to its node with `num_gpus=1/K` so that Ray sets its
+`CUDA_VISIBLE_DEVICES`, or CPU actors (`num_cpus=2`) when the cluster has no GPU at all. A node
+that joins gets actors at the next reconcile. Each actor builds a `search.worker.Worker` against
+the study's database and runs its loop until the budget is met.
+
+Nothing about the study lives in Ray. An actor whose process dies is restarted in place by Ray
+(`max_restarts`) and its trial, left RUNNING with a heartbeat that goes stale, is failed and
+retried by any worker's reaper; a node that dies takes its actors with it, and the same reaping
+recovers their trials on the other nodes. Killing the driver kills its actors the same way, and
+starting it again continues the study from the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search import record
+from search.budget import BudgetState, budget_state, study_lock
+from search.exceptions import SearchError
+from search.retry import fail_and_requeue
+
+logger = logging.getLogger(__name__)
+
+MAX_RESTARTS = 3  # Ray restarts a crashed actor (and reruns its loop) this many times
+CPUS_PER_CPU_WORKER = 2  # as `search launch` on a machine without GPUs: half the cores each
+INSTALL_HINT = "pip install 'gridfleet-search[ray]'"
+
+
+class RayError(SearchError):
+    """Ray is not installed, or its cluster cannot be reached."""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One alive Ray node and what it offers."""
+
+    node_id: str
+    gpus: float
+    cpus: float
+
+
+@dataclass(frozen=True)
+class ActorSlot:
+    """One worker actor the driver wants: its node, index there and resource request."""
+
+    node_id: str
+    index: int
+    num_gpus: float
+    num_cpus: float
+
+    @property
+    def worker_id(self) -> str:
+        return f"ray-{self.node_id[:8]}-{self.index}"
+
+
+@dataclass(frozen=True)
+class ActorInfo:
+    """What an actor saw where Ray placed it (for logs and tests)."""
+
+    worker_id: str
+    node_id: str
+    cuda_visible_devices: str | None
+    pid: int
+    host: str
+
+
+def plan_actors(
+    nodes: Sequence[NodeInfo], *, workers_per_gpu: int = 1, max_workers: int | None = None
+) -> list[ActorSlot]:
+    """The actors to keep alive on these nodes: `workers_per_gpu` per GPU, else CPU actors.
+
+    GPU actors ask for `1/workers_per_gpu` GPU and no CPU (the node's CPUs do not gate its
+    GPUs). Only when no node has a GPU, each node gets one actor per `CPUS_PER_CPU_WORKER`
+    cores (at least one). `max_workers` caps the total, filling nodes in node-id order.
+    """
+    if workers_per_gpu < 1:
+        raise ValueError(f"workers_per_gpu must be >= 1, but got {workers_per_gpu=}")
+    if max_workers is not None and max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, but got {max_workers=}")
+    ordered = sorted(nodes, key=lambda n: n.node_id)
+    slots: list[ActorSlot] = []
+    if any(n.gpus >= 1 for n in ordered):
+        for node in ordered:
+            count = int(node.gpus) * workers_per_gpu
+            slots += [ActorSlot(node.node_id, i, 1 / workers_per_gpu, 0) for i in range(count)]
+    else:
+        for node in ordered:
+            count = max(1, int(node.cpus) // CPUS_PER_CPU_WORKER)
+            cpus = min(float(CPUS_PER_CPU_WORKER), node.cpus)
+            slots += [ActorSlot(node.node_id, i, 0, cpus) for i in range(count)]
+    return slots if max_workers is None else slots[:max_workers]
+
+
+class WorkerActor:
+    """The Ray actor: one `search.worker.Worker` on the device Ray gave this process."""
+
+    def __init__(
+        self,
+        study_name: str,
+        storage_url: str,
+        worker_id: str,
+        *,
+        gpu: bool,
+        checkpoint_dir: str | None,
+    ) -> None:
+        self._args = (study_name, storage_url)
+        self._worker_id = worker_id
+        self._device = "cuda:0" if gpu else "cpu"  # Ray's CUDA_VISIBLE_DEVICES: one GPU
+        self._checkpoint_dir = checkpoint_dir
+        self._stop = threading.Event()
+        if not gpu:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        _configure_actor_logging()
+
+    def describe(self) -> ActorInfo:
+        import ray
+
+        return ActorInfo(
+            worker_id=self._worker_id,
+            node_id=ray.get_runtime_context().get_node_id(),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+        )
+
+    def run(self) -> tuple[int, int]:
+        """Run the worker loop; returns (finished, failed) trial counts."""
+        from search.worker import Worker
+
+        worker = Worker(
+            *self._args,
+            device=self._device,
+            worker_id=self._worker_id,
+            checkpoint_dir=self._checkpoint_dir,
+            stop_event=self._stop,
+        )
+        result = worker.run()
+        return result.finished, result.failed
+
+    def stop(self) -> None:
+        """Finish the current epoch, hand the trial back and return from `run`."""
+        self._stop.set()
+
+
+@dataclass
+class _Running:
+    slot: ActorSlot
+    actor: Any
+    run_ref: Any
+    info_ref: Any
+    info: ActorInfo | None = None
+
+
+@dataclass
+class RayFleet:
+    """Keep the planned worker actors of one study alive on a Ray cluster until it is done."""
+
+    study: optuna.Study
+    storage_url: str
+    workers_per_gpu: int = 1
+    max_workers: int | None = None
+    checkpoint_dir: str | None = None
+    actors: dict[str, ActorInfo] = field(default_factory=dict)  # every actor ever started
+    failures: dict[ActorSlot, int] = field(default_factory=dict)
+    _running: dict[ActorSlot, _Running] = field(default_factory=dict)
+    _finished: set[ActorSlot] = field(default_factory=set)
+
+    def run(
+        self, on_progress: Callable[[BudgetState], None] | None = None, poll: float = 1.0
+    ) -> BudgetState:
+        """Reconcile actors with the cluster until the study is done and every actor returned.
+
+        Raises:
+            KeyboardInterrupt: after SIGINT or SIGTERM, once every actor was asked to stop and
+                the trials still running were handed back.
+        """
+        signals: list[int] = []
+
+        def on_signal(signum: int, _: Any) -> None:
+            if not signals:  # only note it, as the local launcher does
+                signals.append(signum)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not signals:
+                state = budget_state(self.study)
+                if on_progress is not None:
+                    on_progress(state)
+                if not state.done:
+                    self._reconcile()
+                if not self._running and (state.done or not self._wanted()):
+                    break
+                self._collect(poll)
+            if signals:
+                self.stop()
+                raise KeyboardInterrupt
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return budget_state(self.study)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Ask every actor to stop at its next epoch; kill what is left and hand back trials."""
+        import ray
+
+        for running in self._running.values():
+            with contextlib.suppress(Exception):
+                running.actor.stop.remote()
+        refs = [r.run_ref for r in self._running.values()]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        for running in self._running.values():
+            ray.kill(running.actor, no_restart=True)
+        hand_back_trials(self.study, {s.worker_id for s in self._running})
+        self._running.clear()
+
+    def _wanted(self) -> list[ActorSlot]:
+        plan = plan_actors(
+            alive_nodes(), workers_per_gpu=self.workers_per_gpu, max_workers=self.max_workers
+        )
+        return [
+            s for s in plan if s not in self._finished and self.failures.get(s, 0) <= MAX_RESTARTS
+        ]
+
+    def _reconcile(self) -> None:
+        for slot in self._wanted():
+            if slot in self._running:
+                continue
+            if self.max_workers is not None and len(self._running) >= self.max_workers:
+                break
+            self._start(slot)
+
+    def _start(self, slot: ActorSlot) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        actor_class = _remote_actor_class().options(
+            num_gpus=slot.num_gpus,
+            num_cpus=slot.num_cpus,
+            max_restarts=MAX_RESTARTS,
+            max_task_retries=MAX_RESTARTS,
+            max_concurrency=2,  # `stop` and `describe` run while `run` loops
+            scheduling_strategy=NodeAffinitySchedulingStrategy(slot.node_id, soft=False),
+        )
+        actor = actor_class.remote(
+            self.study.study_name,
+            self.storage_url,
+            slot.worker_id,
+            gpu=slot.num_gpus > 0,
+            checkpoint_dir=self.checkpoint_dir,
+        )
+        self._running[slot] = _Running(slot, actor, actor.run.remote(), actor.describe.remote())
+        logger.info(
+            "Started worker actor %s on node %s (%s).",
+            slot.worker_id,
+            slot.node_id[:8],
+            f"{slot.num_gpus:g} GPU" if slot.num_gpus else f"{slot.num_cpus:g} CPU",
+        )
+
+    def _collect(self, timeout: float) -> None:
+        """Wait up to `timeout` for an actor to return or die, and record what happened."""
+        import ray
+
+        if not self._running:
+            time.sleep(timeout)
+            return
+        by_ref = {r.run_ref: r for r in self._running.values()}
+        by_ref.update({r.info_ref: r for r in self._running.values() if r.info is None})
+        ready, _ = ray.wait(list(by_ref), num_returns=1, timeout=timeout)
+        for ref in ready:
+            running = by_ref[ref]
+            if ref is running.info_ref:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    running.info = ray.get(ref)
+                    self.actors[running.slot.worker_id] = running.info
+                continue
+            self._running.pop(running.slot)
+            try:
+                finished, failed = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:  # the worker raised: restarting won't help
+                self.failures[running.slot] = MAX_RESTARTS + 1
+                logger.error("Worker actor %s failed: %s", running.slot.worker_id, e.cause)
+                continue
+            except ray.exceptions.RayError as e:  # its process or node died: start it again
+                self.failures[running.slot] = self.failures.get(running.slot, 0) + 1
+                logger.warning("Worker actor %s died: %s", running.slot.worker_id, _first_line(e))
+                with contextlib.suppress(Exception):
+                    ray.kill(running.actor, no_restart=True)
+                continue
+            self._finished.add(running.slot)
+            logger.info(
+                "Worker actor %s done: %d finished, %d failed.",
+                running.slot.worker_id,
+                finished,
+                failed,
+            )
+
+
+@functools.cache
+def _remote_actor_class() -> Any:
+    import ray
+
+    return ray.remote(WorkerActor)
+
+
+def alive_nodes() -> list[NodeInfo]:
+    """The Ray cluster's alive nodes with their GPU and CPU totals."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return [
+        NodeInfo(
+            n["NodeID"], float(n["Resources"].get("GPU", 0)), float(n["Resources"].get("CPU", 0))
+        )
+        for n in nodes
+    ]
+
+
+def connect(address: str) -> None:
+    """Connect to the Ray cluster at `address` (`auto`, `HOST:PORT`, `ray://...`) or `local`."""
+    try:
+        import ray
+    except ImportError as e:
+        raise RayError(f"--ray needs Ray, which is not installed: {INSTALL_HINT}") from e
+    if ray.is_initialized():
+        return
+    try:
+        if address == "local":
+            ray.init(include_dashboard=False, configure_logging=False)
+        else:
+            ray.init(address=address, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise RayError(
+            f"cannot connect to the Ray cluster at {address!r} ({_first_line(e)}); start one "
+            "with `ray start --head`, pass its address, or use `--ray local`"
+        ) from e
+
+
+def hand_back_trials(study: optuna.Study, worker_ids: set[str]) -> int:
+    """Fail and requeue the RUNNING trials of these workers (killed on stop); returns count."""
+    handed = 0
+    with study_lock(study):
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get(record.WORKER) in worker_ids:
+                fail_and_requeue(
+                    study,
+                    trial._trial_id,
+                    reason=record.Outcome.INTERRUPTED.value,
+                    count_against_limit=False,
+                )
+                handed += 1
+    return handed
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _configure_actor_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(logging.WARNING)
