@@ -117,6 +117,17 @@ def launch(
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Show the live progress bar.")
     ] = True,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Run the workers as actors on a Ray cluster instead of this machine: one per "
+            "cluster GPU (or per 2 CPUs without GPUs; --workers caps them). ADDRESS: auto (the "
+            "cluster this node belongs to), HOST:PORT, ray://HOST:PORT, or local to start one "
+            "here. Needs the [ray] extra.",
+        ),
+    ] = None,
 ) -> None:
     """Create the study (or continue it) and run workers on this machine until it is done."""
     from search.launch import Launcher, plan_workers, visible_gpus
@@ -128,7 +139,28 @@ def launch(
     with _errors():
         spec = load_spec(spec_path)
         url = resolve_storage_url(storage, spec.storage)
+        if ray_address is not None:
+            from search import ray_engine
+
+            ray_engine.connect(ray_address)  # fails with the install hint before the database
         study = create_or_load_study(spec, open_storage(url), n_trials=n_trials)
+        if ray_address is not None:
+            with progress_display(study, enabled=progress, console=err_console) as on_progress:
+                final = ray_engine.launch(
+                    study,
+                    url,
+                    workers_per_gpu=workers_per_gpu,
+                    max_workers=workers,
+                    checkpoint_dir=checkpoint_dir,
+                    on_progress=on_progress,
+                )
+            console.print(best_summary(study, final))
+            if not final.done:
+                raise SearchError(
+                    f"Ray workers stopped with {final.finished} of {final.n_trials} trials "
+                    "finished; see their logs above"
+                )
+            return
         gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else visible_gpus()
         plans = plan_workers(workers=workers, gpus=gpu_ids, workers_per_gpu=workers_per_gpu)
         err_console.print(

@@ -81,6 +81,16 @@ class ActorInfo:
     host: str
 
 
+@dataclass(frozen=True)
+class ActorRun:
+    """What an actor's worker loop did, returned when the study is done."""
+
+    worker_id: str
+    pid: int  # a new process if Ray restarted the actor
+    finished: int
+    failed: int
+
+
 def plan_actors(
     nodes: Sequence[NodeInfo], *, workers_per_gpu: int = 1, max_workers: int | None = None
 ) -> list[ActorSlot]:
@@ -140,8 +150,8 @@ class WorkerActor:
             host=socket.gethostname(),
         )
 
-    def run(self) -> tuple[int, int]:
-        """Run the worker loop; returns (finished, failed) trial counts."""
+    def run(self) -> ActorRun:
+        """Run the worker loop until the study is done or `stop` is called."""
         from search.worker import Worker
 
         worker = Worker(
@@ -152,7 +162,7 @@ class WorkerActor:
             stop_event=self._stop,
         )
         result = worker.run()
-        return result.finished, result.failed
+        return ActorRun(self._worker_id, os.getpid(), result.finished, result.failed)
 
     def stop(self) -> None:
         """Finish the current epoch, hand the trial back and return from `run`."""
@@ -178,6 +188,7 @@ class RayFleet:
     max_workers: int | None = None
     checkpoint_dir: str | None = None
     actors: dict[str, ActorInfo] = field(default_factory=dict)  # every actor ever started
+    runs: dict[str, ActorRun] = field(default_factory=dict)  # every loop that returned
     failures: dict[ActorSlot, int] = field(default_factory=dict)
     _running: dict[ActorSlot, _Running] = field(default_factory=dict)
     _finished: set[ActorSlot] = field(default_factory=set)
@@ -197,15 +208,20 @@ class RayFleet:
             if not signals:  # only note it, as the local launcher does
                 signals.append(signum)
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = (
+            {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            if threading.current_thread() is threading.main_thread()
+            else {}  # run from a thread: the caller handles signals and calls `stop`
+        )
         try:
             while not signals:
                 state = budget_state(self.study)
                 if on_progress is not None:
                     on_progress(state)
+                wanted = self._wanted()  # also forgets the actors of nodes that left
                 if not state.done:
-                    self._reconcile()
-                if not self._running and (state.done or not self._wanted()):
+                    self._reconcile(wanted)
+                if not self._running and (state.done or not wanted):
                     break
                 self._collect(poll)
             if signals:
@@ -232,15 +248,29 @@ class RayFleet:
         self._running.clear()
 
     def _wanted(self) -> list[ActorSlot]:
+        nodes = alive_nodes()
+        self._forget_dead_nodes({n.node_id for n in nodes})
         plan = plan_actors(
-            alive_nodes(), workers_per_gpu=self.workers_per_gpu, max_workers=self.max_workers
+            nodes, workers_per_gpu=self.workers_per_gpu, max_workers=self.max_workers
         )
         return [
             s for s in plan if s not in self._finished and self.failures.get(s, 0) <= MAX_RESTARTS
         ]
 
-    def _reconcile(self) -> None:
-        for slot in self._wanted():
+    def _forget_dead_nodes(self, alive: set[str]) -> None:
+        """Actors of a node that left are gone; the reapers retry the trials they held."""
+        import ray
+
+        for slot in [s for s in self._running if s.node_id not in alive]:
+            running = self._running.pop(slot)
+            logger.warning(
+                "Node %s left; its worker actor %s is gone.", slot.node_id[:8], slot.worker_id
+            )
+            with contextlib.suppress(Exception):
+                ray.kill(running.actor, no_restart=True)
+
+    def _reconcile(self, wanted: list[ActorSlot]) -> None:
+        for slot in wanted:
             if slot in self._running:
                 continue
             if self.max_workers is not None and len(self._running) >= self.max_workers:
@@ -292,7 +322,7 @@ class RayFleet:
                 continue
             self._running.pop(running.slot)
             try:
-                finished, failed = ray.get(ref)
+                done: ActorRun = ray.get(ref)
             except ray.exceptions.RayTaskError as e:  # the worker raised: restarting won't help
                 self.failures[running.slot] = MAX_RESTARTS + 1
                 logger.error("Worker actor %s failed: %s", running.slot.worker_id, e.cause)
@@ -304,11 +334,12 @@ class RayFleet:
                     ray.kill(running.actor, no_restart=True)
                 continue
             self._finished.add(running.slot)
+            self.runs[done.worker_id] = done
             logger.info(
                 "Worker actor %s done: %d finished, %d failed.",
-                running.slot.worker_id,
-                finished,
-                failed,
+                done.worker_id,
+                done.finished,
+                done.failed,
             )
 
 
@@ -317,6 +348,39 @@ def _remote_actor_class() -> Any:
     import ray
 
     return ray.remote(WorkerActor)
+
+
+def launch(
+    study: optuna.Study,
+    storage_url: str,
+    *,
+    workers_per_gpu: int = 1,
+    max_workers: int | None = None,
+    checkpoint_dir: str | None = None,
+    on_progress: Callable[[BudgetState], None] | None = None,
+) -> BudgetState:
+    """Run the study's workers on the connected Ray cluster until it is done (`search launch`).
+
+    Raises:
+        KeyboardInterrupt: after SIGINT or SIGTERM, once the actors stopped (trials handed back).
+    """
+    nodes = alive_nodes()
+    plan = plan_actors(nodes, workers_per_gpu=workers_per_gpu, max_workers=max_workers)
+    logger.info(
+        "Ray cluster: %d node(s), %g GPU(s); keeping %d worker actor(s) for study %r.",
+        len(nodes),
+        sum(n.gpus for n in nodes),
+        len(plan),
+        study.study_name,
+    )
+    fleet = RayFleet(
+        study,
+        storage_url,
+        workers_per_gpu=workers_per_gpu,
+        max_workers=max_workers,
+        checkpoint_dir=checkpoint_dir,
+    )
+    return fleet.run(on_progress=on_progress)
 
 
 def alive_nodes() -> list[NodeInfo]:

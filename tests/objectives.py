@@ -64,3 +64,28 @@ def oom_unless_accumulated(params: dict[str, Any], device: str, report: Any,
 def broken(params: dict[str, Any], device: str, report: Any) -> None:
     """A user objective with a bug."""
     raise KeyError("learning_rate")
+
+
+def exit_once(params: dict[str, Any], device: str, report: Any, epochs: int = 3) -> None:
+    """Like `env_probe`, but the first trial to reach epoch 2 kills its own process (a crash:
+    no hand-back, no exception), once per directory named by SEARCH_TEST_CRASH_DIR."""
+    marker = os.path.join(os.environ["SEARCH_TEST_CRASH_DIR"], "crashed")
+    for epoch in range(epochs):
+        time.sleep(EPOCH_SECONDS)
+        if epoch == 1:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(1)
+        report(epoch + 1, {"val_loss": float(params["x"]) ** 2})
+
+
+def held(params: dict[str, Any], device: str, report: Any, epochs: int = 1) -> None:
+    """Like `env_probe`, but waits before its first epoch while the file named by
+    SEARCH_TEST_HOLD_FILE exists, so a test can keep trials running until it lets them go."""
+    hold = os.environ["SEARCH_TEST_HOLD_FILE"]
+    while os.path.exists(hold):
+        time.sleep(0.1)
+    env_probe(params, device, report, epochs=epochs)
