@@ -236,7 +236,7 @@ def test_crashed_actor_is_restarted_in_place_and_its_trial_retried(
         cluster: Any, pg_url: str, study_name: str, tmp_path: Path) -> None:
     study = _study(pg_url, study_name, tmp_path, n_trials=6, epochs=3,
                    objective={"function": "objectives:exit_once"})
-    fleet = RayFleet(study, pg_url)
+    fleet = RayFleet(study, pg_url, max_workers=2)
     assert fleet.run(poll=0.5).done
     trials = _check_exact(study, 6)
     crashed = [t for t in trials if t.state == TrialState.FAIL]
@@ -318,9 +318,9 @@ def test_cli_driver_killed_and_started_again_continues_the_study(
     actors), start it again, and the same study ends at exactly n_trials."""
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(sleepy_spec(
-        study_name, n_trials=10, epochs=4, objective={"function": "objectives:env_probe"})))
+        study_name, n_trials=8, epochs=4, objective={"function": "objectives:env_probe"})))
     command = [sys.executable, "-m", "search", "launch", str(spec), "--storage", pg_url,
-               "--no-progress", "--ray", cluster.address]
+               "--no-progress", "--ray", cluster.address, "--workers", "2"]
     storage = open_storage(pg_url)
     first = subprocess.Popen(command, env=cli_env(), cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
@@ -343,7 +343,7 @@ def test_cli_driver_killed_and_started_again_continues_the_study(
                            text=True, timeout=240)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert "Best trial" in again.stdout
-    trials = _check_exact(study, 10)
+    trials = _check_exact(study, 8)
     by_number = {t.number: t for t in trials}
     for number in interrupted:
         assert by_number[number].state == TrialState.FAIL
