@@ -172,3 +172,10 @@ def test_preempted_and_requeued_tasks_hand_their_trials_back(
     assert f"slurm-{job}-1-r1" in workers, "the requeued task ran again and took trials"
     log = (tmp_path / "task-1.out").read_text()
     assert log.count("search-workers: task 1") == 2, "both runs of task 1 in one log"
+
+
+def test_local_cluster_script_passes_shellcheck() -> None:
+    if shutil.which("shellcheck") is None:
+        pytest.fail("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", str(LOCAL_CLUSTER)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
