@@ -145,15 +145,19 @@ def launch(
             ray_engine.connect(ray_address)  # fails with the install hint before the database
         study = create_or_load_study(spec, open_storage(url), n_trials=n_trials)
         if ray_address is not None:
-            with progress_display(study, enabled=progress, console=err_console) as on_progress:
-                final = ray_engine.launch(
-                    study,
-                    url,
-                    workers_per_gpu=workers_per_gpu,
-                    max_workers=workers,
-                    checkpoint_dir=checkpoint_dir,
-                    on_progress=on_progress,
-                )
+            try:
+                with progress_display(study, enabled=progress, console=err_console) as show:
+                    final = ray_engine.launch(
+                        study,
+                        url,
+                        workers_per_gpu=workers_per_gpu,
+                        max_workers=workers,
+                        checkpoint_dir=checkpoint_dir,
+                        on_progress=show,
+                    )
+            except KeyboardInterrupt:
+                err_console.print("Interrupted: actors stopped, running trials handed back.")
+                raise typer.Exit(130) from None
             console.print(best_summary(study, final))
             if not final.done:
                 raise SearchError(

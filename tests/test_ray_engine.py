@@ -351,3 +351,41 @@ def test_cli_driver_killed_and_started_again_continues_the_study(
     finished = [t for t in trials if t.state == TrialState.COMPLETE]
     assert all(str(t.user_attrs[record.WORKER]).startswith("ray-") for t in finished)
     assert "password" not in again.stderr
+
+
+@pytest.mark.slow
+def test_cli_driver_sigterm_stops_the_actors_and_hands_their_trials_back(
+        cluster: Any, pg_url: str, study_name: str, tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(sleepy_spec(
+        study_name, n_trials=6, epochs=8, objective={"function": "objectives:env_probe"})))
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "search", "launch", str(spec), "--storage", pg_url,
+         "--no-progress", "--ray", cluster.address, "--workers", "2"],
+        env=cli_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    storage = open_storage(pg_url)
+    try:
+        def training() -> list[int]:
+            with contextlib.suppress(KeyError):
+                study = optuna.load_study(study_name=study_name, storage=storage)
+                return [t.number for t in study.get_trials(states=(TrialState.RUNNING,))
+                        if t.intermediate_values]
+            return []
+
+        _wait_for(training, "the driver's actors to be training")
+        driver.send_signal(signal.SIGTERM)
+        output, _ = driver.communicate(timeout=90)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130, output[-3000:]
+    assert "Interrupted: actors stopped, running trials handed back." in output
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    handed = [t for t in trials if t.state == TrialState.FAIL]
+    assert handed
+    for trial in handed:
+        assert trial.user_attrs[record.FAIL_REASON] == record.Outcome.PREEMPTED.value
+        assert any(t.user_attrs.get(record.RETRY_OF) == trial.number
+                   and t.state == TrialState.WAITING for t in trials)
