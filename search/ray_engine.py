@@ -404,6 +404,7 @@ def connect(address: str) -> None:
         raise RayError(f"--ray needs Ray, which is not installed: {INSTALL_HINT}") from e
     if ray.is_initialized():
         return
+    _check_reachable(address)
     try:
         if address == "local":
             ray.init(include_dashboard=False, configure_logging=False)
@@ -413,6 +414,20 @@ def connect(address: str) -> None:
         raise RayError(
             f"cannot connect to the Ray cluster at {address!r} ({_first_line(e)}); start one "
             "with `ray start --head`, pass its address, or use `--ray local`"
+        ) from e
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a HOST:PORT nobody listens on (`ray.init` would retry for minutes)."""
+    host, _, port = address.rpartition(":")
+    if address in ("auto", "local") or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise RayError(
+            f"cannot connect to the Ray cluster at {address!r} ({e}); is its head node "
+            "running (`ray start --head`)? Or use `--ray auto` on a node of the cluster"
         ) from e
 
 

@@ -100,13 +100,27 @@ def test_package_and_cli_work_without_ray(tmp_path: Path) -> None:
         "Error: --ray needs Ray, which is not installed: pip install 'gridfleet-search[ray]'"]
 
 
-# --- a real Ray cluster -----------------------------------------------------------------------
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_unreachable_cluster_is_a_one_line_error(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(sleepy_spec("no-cluster")))
+    address = f"127.0.0.1:{_free_port()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "search", "launch", str(spec), "--ray", address,
+         "--storage", f"sqlite:///{tmp_path / 'x.db'}"],
+        capture_output=True, text=True, timeout=60, env=cli_env(), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"Error: cannot connect to the Ray cluster at '{address}'")
+    assert not (tmp_path / "x.db").exists(), "nothing was written before connecting"
+
+
+# --- a real Ray cluster -----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
