@@ -9,8 +9,9 @@ the study's database and runs its loop until the budget is met.
 
 Nothing about the study lives in Ray. An actor whose process dies is restarted in place by Ray
 (`max_restarts`) and its trial, left RUNNING with a heartbeat that goes stale, is failed and
-retried by any worker's reaper; a node that dies takes its actors with it, and the same reaping
-recovers their trials on the other nodes. Killing the driver kills its actors the same way, and
+retried by any worker's reaper (a trial past `workers.epoch_timeout` ends its process the
+same way, through the worker's watchdog); a node that dies takes its actors with it, and the
+same reaping recovers their trials on the other nodes. Killing the driver kills its actors the same way, and
 starting it again continues the study from the database.
 """
 
@@ -31,9 +32,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search import record
-from search.budget import BudgetState, budget_state, study_lock
+from search import optuna_compat, record
+from search.budget import BudgetState, budget_state
 from search.exceptions import SearchError
+from search.record import Outcome
 from search.retry import fail_and_requeue
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,7 @@ class ActorRun:
     pid: int  # a new process if Ray restarted the actor
     finished: int
     failed: int
+    recycle: bool = False  # it asks for a fresh process (after out-of-memory)
 
 
 def plan_actors(
@@ -160,9 +163,12 @@ class WorkerActor:
             worker_id=self._worker_id,
             checkpoint_dir=self._checkpoint_dir,
             stop_event=self._stop,
+            recycle=True,  # after out-of-memory, return so the driver starts a fresh actor
         )
         result = worker.run()
-        return ActorRun(self._worker_id, os.getpid(), result.finished, result.failed)
+        return ActorRun(
+            self._worker_id, os.getpid(), result.finished, result.failed, result.recycle
+        )
 
     def stop(self) -> None:
         """Finish the current epoch, hand the trial back and return from `run`."""
@@ -333,8 +339,12 @@ class RayFleet:
                 with contextlib.suppress(Exception):
                     ray.kill(running.actor, no_restart=True)
                 continue
-            self._finished.add(running.slot)
             self.runs[done.worker_id] = done
+            if done.recycle:  # not a crash: the next reconcile starts a fresh actor
+                logger.info("Worker actor %s recycled; starting a fresh one.", done.worker_id)
+                ray.kill(running.actor, no_restart=True)
+                continue
+            self._finished.add(running.slot)
             logger.info(
                 "Worker actor %s done: %d finished, %d failed.",
                 done.worker_id,
@@ -433,17 +443,17 @@ def _check_reachable(address: str) -> None:
 
 def hand_back_trials(study: optuna.Study, worker_ids: set[str]) -> int:
     """Fail and requeue the RUNNING trials of these workers (killed on stop); returns count."""
+    storage = optuna_compat.storage_of(study)
     handed = 0
-    with study_lock(study):
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.user_attrs.get(record.WORKER) in worker_ids:
-                fail_and_requeue(
-                    study,
-                    trial._trial_id,
-                    reason=record.Outcome.INTERRUPTED.value,
-                    count_against_limit=False,
-                )
-                handed += 1
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(record.WORKER) in worker_ids:
+            handed += fail_and_requeue(
+                storage,
+                optuna_compat.study_id(study),
+                optuna_compat.trial_id(trial),
+                Outcome.INTERRUPTED,
+                max_retries=None,
+            )
     return handed
 
 
