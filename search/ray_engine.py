@@ -11,8 +11,8 @@ Nothing about the study lives in Ray. An actor whose process dies is restarted i
 (`max_restarts`) and its trial, left RUNNING with a heartbeat that goes stale, is failed and
 retried by any worker's reaper (a trial past `workers.epoch_timeout` ends its process the
 same way, through the worker's watchdog); a node that dies takes its actors with it, and the
-same reaping recovers their trials on the other nodes. Killing the driver kills its actors the same way, and
-starting it again continues the study from the database.
+same reaping recovers their trials on the other nodes. Killing the driver kills its actors the
+same way, and starting it again continues the study from the database.
 """
 
 from __future__ import annotations
