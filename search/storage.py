@@ -107,7 +107,9 @@ def open_storage(
         ) from e
     if backend not in ("sqlite", "postgresql"):
         raise StorageError(f"unsupported storage {backend!r}: use sqlite:/// or postgresql://")
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # No pre-ping (a round trip per call): a dropped connection fails its call, which is
+    # retried on a new connection (`retry_transient`).
+    engine_kwargs: dict[str, Any] = {}
     engine_kwargs.update(pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_timeout=60)
     if backend == "sqlite":
         _prepare_sqlite(url)
