@@ -197,7 +197,6 @@ class RayFleet:
     runs: dict[str, ActorRun] = field(default_factory=dict)  # every loop that returned
     failures: dict[ActorSlot, int] = field(default_factory=dict)
     _running: dict[ActorSlot, _Running] = field(default_factory=dict)
-    _finished: set[ActorSlot] = field(default_factory=set)
 
     def run(
         self, on_progress: Callable[[BudgetState], None] | None = None, poll: float = 1.0
@@ -259,9 +258,9 @@ class RayFleet:
         plan = plan_actors(
             nodes, workers_per_gpu=self.workers_per_gpu, max_workers=self.max_workers
         )
-        return [
-            s for s in plan if s not in self._finished and self.failures.get(s, 0) <= MAX_RESTARTS
-        ]
+        # A slot whose loop returned is started again only if the study is not done after all
+        # (its budget was raised); one whose worker raised stays down (failures > MAX_RESTARTS).
+        return [s for s in plan if self.failures.get(s, 0) <= MAX_RESTARTS]
 
     def _forget_dead_nodes(self, alive: set[str]) -> None:
         """Actors of a node that left are gone; the reapers retry the trials they held."""
@@ -340,11 +339,10 @@ class RayFleet:
                     ray.kill(running.actor, no_restart=True)
                 continue
             self.runs[done.worker_id] = done
+            ray.kill(running.actor, no_restart=True)  # free its GPU now, not when collected
             if done.recycle:  # not a crash: the next reconcile starts a fresh actor
                 logger.info("Worker actor %s recycled; starting a fresh one.", done.worker_id)
-                ray.kill(running.actor, no_restart=True)
                 continue
-            self._finished.add(running.slot)
             logger.info(
                 "Worker actor %s done: %d finished, %d failed.",
                 done.worker_id,

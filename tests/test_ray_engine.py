@@ -265,6 +265,24 @@ def test_crashed_actor_is_restarted_in_place_and_its_trial_retried(
 
 
 @pytest.mark.slow
+def test_recycled_actor_is_replaced_by_a_fresh_one_on_its_gpu(
+        cluster: Any, pg_url: str, study_name: str, tmp_path: Path) -> None:
+    """A worker that asks for a fresh process (here after each trial, `recycle_after: 1`; in
+    practice after out-of-memory) returns; its actor is killed, freeing the GPU, and a new
+    actor takes the same slot."""
+    study = _study(pg_url, study_name, tmp_path, n_trials=4, epochs=1,
+                   objective={"function": "objectives:env_probe"},
+                   workers={"heartbeat_interval": 1, "grace_period": 4, "recycle_after": 1})
+    fleet = RayFleet(study, pg_url, max_workers=2)
+    assert fleet.run(poll=0.5).done
+    trials = _check_exact(study, 4)
+    assert not fleet.failures
+    processes = Counter((t.user_attrs[record.WORKER], t.user_attrs[record.PID]) for t in trials)
+    assert set(processes.values()) == {1}, "one trial per actor process"
+    assert len({worker for worker, _ in processes}) <= 2, "the same two slots all along"
+
+
+@pytest.mark.slow
 def test_node_joining_mid_study_gets_actors(
         cluster: Any, pg_url: str, study_name: str, tmp_path: Path, hold_file: Path) -> None:
     hold_file.touch()  # the first actors' trials wait until the new node's actors run theirs
