@@ -8,6 +8,7 @@ Slurm installed these tests fail; CI installs it (.ci/run).
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -107,10 +108,13 @@ def test_array_runs_the_study_to_exactly_n_trials_one_gpu_per_task(
     job = submitted.stdout.strip().split(";")[0]
     trials = _check_exact(study, 6)
     assert sorted(logs) == ["task-0.out", "task-1.out", "task-2.out"]
-    gpus = Counter(line.rsplit("CUDA_VISIBLE_DEVICES=", 1)[1]
-                   for text in logs.values() for line in text.splitlines()
-                   if "CUDA_VISIBLE_DEVICES=" in line)
+    placed = [re.search(r"GPU (\S+) of the node, CUDA_VISIBLE_DEVICES=(\S+)", text)
+              for text in logs.values()]
+    assert all(placed), logs
+    gpus = Counter(match[1] for match in placed if match)
     assert set(gpus) == {"0", "1"}, f"tasks 0 and 1 ran at once, on the two GPUs: {gpus}"
+    # the node's id, or 0 where each task is confined to its own device (ConstrainDevices)
+    assert all(match[2] in (match[1], "0") for match in placed if match)
     workers = {t.user_attrs[record.WORKER] for t in trials}
     assert workers <= {f"slurm-{job}-{task}-r0" for task in range(3)}
     for trial in trials:

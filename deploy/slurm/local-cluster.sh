@@ -13,8 +13,11 @@
 # for /dev/nvidiaN, so `--gres=gpu:1` schedules and Slurm sets CUDA_VISIBLE_DEVICES per task).
 #
 # Needs root (slurmd runs jobs as their user) and Debian's slurm-wlm and munge packages.
-# A container has no systemd or writable cgroup hierarchy for Slurm, so processes are tracked
-# by parent pid (proctrack/linuxproc) and tasks are not confined (task/none).
+# By default processes are tracked by parent pid (proctrack/linuxproc) and tasks are not
+# confined (task/none), which runs in any container, without systemd or cgroup delegation.
+# SEARCH_SLURM_CGROUP=1 at the first start uses cgroups as production clusters do
+# (proctrack/cgroup, task/cgroup with ConstrainDevices): that needs a writable cgroup v1
+# hierarchy (this project's CI machine has one).
 set -euo pipefail
 
 DIR=${SEARCH_SLURM_DIR:-/tmp/search-slurm}
@@ -32,14 +35,24 @@ munge_up() {
 }
 
 cluster_up() {
-  [[ -f $CONF ]] || return 1
+  [[ -f $CONF ]] && running "$DIR/slurmctld.pid" && running "$DIR/slurmd.pid" || return 1
   SLURM_CONF=$CONF scontrol ping 2>/dev/null | grep -q 'is UP' &&
     SLURM_CONF=$CONF sinfo -h -N -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'
 }
 
 write_config() {
   mkdir -p "$DIR"/{munge,state,spool,log,dev}
-  local ctld_port slurmd_port gpu_files=""
+  local ctld_port slurmd_port gpu_files="" proctrack=proctrack/linuxproc task=task/none
+  local cgroup_conf="CgroupPlugin=cgroup/v1
+CgroupAutomount=no"
+  if [[ ${SEARCH_SLURM_CGROUP:-0} == 1 ]]; then
+    proctrack=proctrack/cgroup
+    task=task/cgroup,task/affinity
+    cgroup_conf="CgroupPlugin=cgroup/v1
+CgroupAutomount=yes
+ConstrainCores=yes
+ConstrainDevices=yes"
+  fi
   ctld_port=$(free_port)
   slurmd_port=$(free_port)
   for ((i = 0; i < GPUS; i++)); do
@@ -62,8 +75,8 @@ SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+ProctrackType=$proctrack
+TaskPlugin=$task
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
@@ -86,10 +99,7 @@ CONF
 AutoDetect=off
 NodeName=$NODE Name=gpu $gpu_files
 CONF
-  cat >"$DIR/cgroup.conf" <<CONF
-CgroupPlugin=cgroup/v1
-CgroupAutomount=no
-CONF
+  echo "$cgroup_conf" >"$DIR/cgroup.conf"
 }
 
 start() {
@@ -124,16 +134,20 @@ fail() {
   exit 1
 }
 
+running() {
+  [[ -s $1 ]] && kill -0 "$(<"$1")" 2>/dev/null
+}
+
 stop_daemons() {
-  local pidfile
+  local pidfile pid
   for pidfile in "$DIR/slurmd.pid" "$DIR/slurmctld.pid"; do
-    if [[ -s $pidfile ]] && kill -0 "$(<"$pidfile")" 2>/dev/null; then
-      kill "$(<"$pidfile")"
-      for _ in $(seq 1 30); do
-        kill -0 "$(<"$pidfile")" 2>/dev/null || break
-        sleep 0.2
-      done
-    fi
+    running "$pidfile" || continue
+    pid=$(<"$pidfile")
+    kill "$pid"
+    for _ in $(seq 1 50); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.2
+    done
   done
 }
 
