@@ -3,7 +3,9 @@
 `search` needs a little more than Optuna's public API: trial and study ids, the RDB storage
 behind Optuna's cache, its SQLAlchemy models and sessions, and heartbeat rows. Each such name
 is used here and nowhere else, and `tests/test_optuna_compat.py` pins every helper against the
-installed Optuna, so an Optuna upgrade breaks this one file.
+installed Optuna, so an Optuna upgrade breaks this one file. The service's own atomic steps
+(claiming a trial, failing one with its retry) live here too, each one transaction, retried
+on a dropped connection like every storage call.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial
+
+from search.transient import retry_transient
 
 if TYPE_CHECKING:
     import sqlalchemy
@@ -90,6 +94,7 @@ def stale_trial_ids(storage: optuna.storages.BaseStorage, study: optuna.Study) -
     return list(rdb(storage)._get_stale_trial_ids(study_id(study)))
 
 
+@retry_transient
 def heartbeats(
     storage: optuna.storages.BaseStorage, trial_ids: list[int]
 ) -> dict[int, datetime.datetime]:
@@ -124,6 +129,7 @@ def _lock_study_row(opened: Session, study: int) -> None:
     )
 
 
+@retry_transient
 def claim_trial(storage: optuna.storages.BaseStorage, study: int, budget: int) -> int | None:
     """Take the oldest WAITING trial, else create a RUNNING one while fewer than `budget`
     trials are finished, running or waiting; record its first heartbeat in the same step.
@@ -174,6 +180,7 @@ def adopt_trial(study: optuna.Study, claimed_id: int) -> optuna.Trial:
     return optuna.Trial(study, claimed_id)
 
 
+@retry_transient
 def fail_and_replace(
     storage: optuna.storages.BaseStorage,
     study: int,
@@ -257,6 +264,7 @@ def _dialect_insert(opened: Session) -> Any:
     return postgresql.insert if opened.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
+@retry_transient
 def stale_running(
     storage: optuna.storages.BaseStorage, study: int, grace_period: float
 ) -> list[int]:
@@ -291,6 +299,7 @@ def stale_running(
     return stale
 
 
+@retry_transient
 def count_states(storage: optuna.storages.BaseStorage, study: int) -> dict[str, int]:
     """Trials of the study per state name, counted in the database."""
     import sqlalchemy as sa
@@ -335,6 +344,7 @@ def note_intermediate(trial: optuna.Trial, step: int, value: float) -> None:
     trial._cached_frozen_trial.intermediate_values[step] = value
 
 
+@retry_transient
 def set_user_attrs(
     storage: optuna.storages.BaseStorage, trial: optuna.Trial, attrs: dict[str, Any]
 ) -> None:
