@@ -14,13 +14,11 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.table import Table
 
 from search.exceptions import SearchError
 
@@ -120,7 +118,7 @@ def launch(
 ) -> None:
     """Create the study (or continue it) and run workers on this machine until it is done."""
     from search.launch import Launcher, plan_workers, visible_gpus
-    from search.report import best_summary, progress_display
+    from search.progress import best_summary, progress_display
     from search.spec import load_spec
     from search.storage import mask_url, open_storage, resolve_storage_url
     from search.study import create_or_load_study
@@ -245,43 +243,20 @@ def status(
     storage: StorageOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Show trial counts per state, the best value and its parameters."""
-    from search.report import status_rows, study_status
-    from search.storage import open_storage, resolve_storage_url
+    """Trials per state, budget, best value, trials per hour, running/stale trials, retries.
+
+    Read-only: creates no file or table and runs no migration.
+    """
+    from search.status import print_status, status_rows, study_status
+    from search.storage import open_storage_read_only, resolve_storage_url
 
     with _errors():
-        opened = open_storage(resolve_storage_url(storage), connect_timeout=5)
-        data: Any = study_status(opened, study_name) if study_name else status_rows(opened)
+        opened = open_storage_read_only(resolve_storage_url(storage))
+        rows = [study_status(opened, study_name)] if study_name else status_rows(opened)
     if as_json:
-        typer.echo(json.dumps(data, indent=2, default=str))
+        typer.echo(json.dumps(rows[0] if study_name else rows, indent=2, default=str))
         return
-    rows = [data] if study_name else data
-    table = Table(title=None if study_name else "Studies", box=box.SIMPLE_HEAD)
-    widest = max((len(r["study"]) for r in rows), default=5)
-    table.add_column("study", no_wrap=True, min_width=widest)
-    for header in ("budget", "complete", "pruned", "failed", "running", "waiting", "best"):
-        table.add_column(header, justify="right", no_wrap=True, min_width=max(len(header), 7))
-    for row in rows:
-        c = row["counts"]
-        best = "—" if row["best_value"] is None else f"{row['best_value']:.4g}"
-        table.add_row(
-            row["study"],
-            str(row["n_trials"] or "—"),
-            str(c["COMPLETE"]),
-            str(c["PRUNED"]),
-            str(c["FAIL"]),
-            str(c["RUNNING"]),
-            str(c["WAITING"]),
-            best,
-        )
-    console.print(table)
-    if study_name and data["best_params"]:
-        params = ", ".join(f"{k}={_short(v)}" for k, v in data["best_params"].items())
-        typer.echo(f"best trial {data['best_trial']}: {params}")
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    print_status(rows, console, one_study=study_name is not None)
 
 
 def _configure_logging(debug: bool) -> None:

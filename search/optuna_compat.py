@@ -105,3 +105,11 @@ def cached_backend_calls() -> set[str]:
 
     source = inspect.getsource(_cached_storage._CachedStorage)
     return set(re.findall(r"self\._backend\.(\w+)\(", source))
+
+
+def database_now(storage: optuna.storages.BaseStorage) -> datetime.datetime:
+    """The database's clock, the one heartbeat rows are written with."""
+    import sqlalchemy
+
+    with session(storage) as opened:
+        return opened.execute(sqlalchemy.func.current_timestamp()).scalar_one()

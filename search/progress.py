@@ -1,20 +1,23 @@
-"""What people read: the live progress bar, the best-trial summary, `search status` data."""
+"""What `search launch` shows: the live progress bar and the best-trial summary.
+
+Numbers are never cut: on a narrow terminal (or piped output, 80 columns) the counts wrap
+onto the next line instead of being cropped.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
-from search.budget import BUDGET_ATTR, BudgetState
+from search import record
+from search.budget import BudgetState
 
 
 @contextlib.contextmanager
@@ -27,9 +30,9 @@ def progress_display(
         return
     columns = (
         TextColumn("[bold]trials"),
-        BarColumn(),
+        BarColumn(bar_width=20),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
+        TextColumn("{task.fields[stats]}", table_column=Column(overflow="fold", ratio=1)),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as bar:
@@ -61,7 +64,7 @@ def best_summary(study: optuna.Study, state: BudgetState) -> Group | str:
         best = study.best_trial
     except ValueError:
         return f"{counts}. No trial completed yet."
-    metric = study.user_attrs.get("spec", {}).get("metric", "value")
+    metric = study.user_attrs.get(record.SPEC, {}).get("metric", "value")
     table = Table(title=f"Best trial {best.number}: {metric} = {best.value:.5g}", show_header=True)
     table.add_column("parameter")
     table.add_column("value")
@@ -78,44 +81,13 @@ def best_epoch_metrics(
     trial: optuna.trial.FrozenTrial, metric: str, direction: optuna.study.StudyDirection
 ) -> dict[str, Any] | None:
     """The per-epoch metrics row where `metric` was best."""
-    rows = [r for r in trial.user_attrs.get("epoch_metrics", []) if r.get(metric) == r.get(metric)]
+    rows = [
+        r for r in trial.user_attrs.get(record.EPOCH_METRICS, []) if r.get(metric) == r.get(metric)
+    ]
     if not rows:
         return None
     pick = max if direction == optuna.study.StudyDirection.MAXIMIZE else min
     return dict(pick(rows, key=lambda r: r[metric]))
-
-
-def study_status(storage: optuna.storages.BaseStorage, name: str) -> dict[str, Any]:
-    """Counts per state, budget, best value and parameters of one study, as plain data."""
-    from search.exceptions import StudyNotFoundError
-
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError as e:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise StudyNotFoundError(
-            f"no study {name!r} here; studies: {', '.join(names) or 'none'}"
-        ) from e
-    trials = study.get_trials(deepcopy=False)
-    counts = Counter(t.state.name for t in trials)
-    row: dict[str, Any] = {
-        "study": name,
-        "direction": study.direction.name.lower(),
-        "n_trials": study.user_attrs.get(BUDGET_ATTR),
-        "counts": {s.name: counts.get(s.name, 0) for s in TrialState},
-        "best_trial": None,
-        "best_value": None,
-        "best_params": {},
-    }
-    with contextlib.suppress(ValueError):
-        best = study.best_trial
-        row.update(best_trial=best.number, best_value=best.value, best_params=best.params)
-    return row
-
-
-def status_rows(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
-    """`study_status` for every study in the storage."""
-    return [study_status(storage, s.study_name) for s in optuna.get_all_study_summaries(storage)]
 
 
 def _fmt(value: Any) -> str:
