@@ -16,8 +16,9 @@ from search.exceptions import (
     TrialLost,
 )
 from search.pruning import DivergencePruner, TrendPruner, default_pruner
+from search.resumption import RunResult, launch, resume
 from search.spec import StudySpec, load_spec
-from search.storage import mask_url, open_storage, resolve_storage_url
+from search.storage import mask_url, open_storage, open_storage_read_only, resolve_storage_url
 from search.study import create_or_load_study, load_study
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "EarlyStopped",
     "ObjectiveError",
     "Preempted",
+    "RunResult",
     "SearchError",
     "SpecError",
     "StopTrial",
@@ -39,9 +41,12 @@ __all__ = [
     "TrialLost",
     "create_or_load_study",
     "default_pruner",
+    "launch",
     "load_spec",
     "load_study",
     "mask_url",
     "open_storage",
+    "open_storage_read_only",
     "resolve_storage_url",
+    "resume",
 ]

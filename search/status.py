@@ -27,7 +27,7 @@ from search.exceptions import StudyNotFoundError
 
 #: The grace period of a study whose spec does not say (the spec default).
 DEFAULT_GRACE_PERIOD = 20
-_COUNT_COLUMNS = ("budget", "complete", "pruned", "failed", "running", "waiting", "stale")
+_COUNT_COLUMNS = ("budget", "complete", "pruned", "failed", "run", "wait", "stale")
 
 
 def study_status(storage: optuna.storages.BaseStorage, name: str) -> dict[str, Any]:
@@ -127,21 +127,22 @@ def _seconds(now: datetime.datetime, then: datetime.datetime | None) -> float | 
 def render_status(rows: list[dict[str, Any]], *, width: int, one_study: bool) -> RenderableType:
     """The status table, or per-study `field: value` lines when the table would not fit."""
     cells = [_cells(r) for r in rows]
-    headers = ("study", *_COUNT_COLUMNS, "trials/h", "best")
-    needed = (
-        sum(max(len(h), *(len(c[i]) for c in cells)) + 2 for i, h in enumerate(headers))
-        if cells
-        else 0
+    headers = ("study", *_COUNT_COLUMNS, "per h", "best")
+    table = Table(
+        title=None if one_study else "Studies",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0),
+        show_edge=False,
+        title_justify="left",
     )
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True)
+    for c in cells:
+        table.add_row(*c)
     parts: list[RenderableType] = []
-    if needed <= width:
-        table = Table(title=None if one_study else "Studies", box=box.SIMPLE_HEAD)
-        for i, header in enumerate(headers):
-            table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True)
-        for c in cells:
-            table.add_row(*c)
+    if Console(width=10_000).measure(table).maximum <= width:
         parts.append(table)
-    else:
+    else:  # one `field: value` line each: long names wrap, numbers stay whole
         for c in cells:
             parts.append(Text(f"study {c[0]}", style="bold", overflow="fold"))
             fields = zip(headers[1:], c[1:], strict=True)

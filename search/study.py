@@ -53,6 +53,7 @@ def create_or_load_study(
     stored = study.user_attrs.get(SPEC_ATTR)
     if stored is None:
         study.set_user_attr(SPEC_ATTR, spec.resolved())
+        study.set_metric_names([spec.metric])  # optuna-dashboard shows it, not "Objective 0"
         logger.info("Created study %r.", spec.name)
     else:
         check_compatible(stored, spec)
