@@ -28,7 +28,8 @@ def bumpy(params: dict[str, Any], device: str, report: Any, epochs: int = 6) -> 
         if x > 0.6 and epoch >= 2:
             loss = float("nan")
         seconds = time.perf_counter() - start
-        report(epoch, {"val_loss": loss, "val_accuracy": 1.0 - min(1.0, loss), "epoch_seconds": seconds})
+        metrics = {"val_loss": loss, "val_accuracy": 1.0 - min(1.0, loss)}
+        report(epoch, {**metrics, "epoch_seconds": seconds})
 
 
 def review_spec(name: str, **overrides: Any) -> dict[str, Any]:
