@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import optuna
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
+from rich.text import Text
 
 from search import record
 from search.budget import BudgetState
@@ -30,12 +31,11 @@ def progress_display(
         return
     columns = (
         TextColumn("[bold]trials"),
-        BarColumn(bar_width=20),
+        BarColumn(bar_width=None, table_column=Column(ratio=1)),  # what the numbers leave
         MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}", table_column=Column(overflow="fold", ratio=1)),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as bar:
+    with _Progress(*columns, console=console, transient=False, expand=True) as bar:
         task = bar.add_task("trials", total=None, stats="")
         best_value, best_at = ["—"], [0.0]
 
@@ -52,6 +52,15 @@ def progress_display(
             bar.update(task, completed=state.finished, total=state.n_trials, stats=stats)
 
         yield update
+
+
+class _Progress(Progress):
+    """The bar and its numbers on one line, the counts on the next (wrapped, never cut)."""
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        for task in self.tasks:
+            yield Text(str(task.fields.get("stats", "")), overflow="fold")
 
 
 def best_summary(study: optuna.Study, state: BudgetState) -> Group | str:
