@@ -141,6 +141,9 @@ def _run(
     state = budget_state(study)
     if state.done:
         return _result(study, url, before, state, "already-done", EXIT_DONE, 0)
+    # Heartbeats are read against the study's own settings (as each worker does).
+    storage.heartbeat_interval = spec.workers.heartbeat_interval
+    storage.grace_period = spec.workers.grace_period
     reaped = reap_stale_trials(
         study,
         storage,

@@ -65,3 +65,8 @@ def make_finished_study(url: str, name: str) -> optuna.Study:
         fail_and_requeue(study, lost._trial_id, reason=record.Outcome.HEARTBEAT_LOST.value)
     Worker(name, url, worker_id="review-w0").run()
     return optuna.load_study(study_name=name, storage=open_storage(url))
+
+
+def broken(params: dict[str, Any], device: str, report: Any, epochs: int = 2) -> None:
+    """Always raises: a bug in the objective, so the study's trials fail beyond any bound."""
+    raise RuntimeError(f"broken objective (x={params['x']:.3f})")
