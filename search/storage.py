@@ -287,9 +287,12 @@ def open_storage_read_only(url: str) -> optuna.storages.RDBStorage:
             skip_table_creation=True,
         )
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+        reason = _reason(e)
+        if "version_info" in reason or "no such table" in reason:
+            reason = "it holds no Optuna tables (no study was ever created there)"
         raise StorageError(
-            f"cannot read storage {mask_url(url)} ({describe_url(url)}): {_reason(e)}. "
-            "Is the URL right and does it hold a study?"
+            f"cannot open storage {mask_url(url)} ({describe_url(url)}): {reason}. "
+            "Is the database running and the URL right?"
         ) from None
     except RuntimeError as e:  # Optuna: the schema is older or newer than this Optuna's
         raise StorageError(f"cannot read storage {mask_url(url)}: {e}") from None

@@ -21,6 +21,7 @@ from search import record
 from search.dashboard import Guard, dashboard_app, make_dashboard_server
 from search.storage import open_storage, open_storage_read_only
 
+pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"
 
 

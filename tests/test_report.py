@@ -21,6 +21,7 @@ from study_factory import make_finished_study
 from search import record
 from search.report import compute_summary, epochs_run
 
+pytestmark = pytest.mark.slow
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -77,7 +77,7 @@ def test_status_on_a_missing_sqlite_file_is_one_line_and_creates_nothing(tmp_pat
 def test_read_only_storage_creates_no_table_in_an_empty_file(tmp_path: Path) -> None:
     empty = tmp_path / "empty.db"
     empty.touch()
-    with pytest.raises(StorageError, match="cannot read storage"):
+    with pytest.raises(StorageError, match="holds no Optuna tables"):
         open_storage_read_only(f"sqlite:///{empty}")
     assert empty.stat().st_size == 0
 
