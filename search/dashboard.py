@@ -25,14 +25,13 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
 
+from search import optuna_compat
+
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "SEARCH_DASHBOARD_TOKEN"
 _COOKIE = "search_dashboard_token"
 _READ_METHODS = ("GET", "HEAD")
-#: optuna-dashboard cuts attribute values at 1,024 characters; a trial's `epoch_metrics`
-#: (every metric of every epoch) is longer, and reviewers need all of it.
-ATTR_LENGTH = 1 << 20
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -104,9 +103,8 @@ def dashboard_app(
 ) -> Guard:
     """optuna-dashboard on `storage` behind `Guard`."""
     import optuna_dashboard
-    from optuna_dashboard import _serializer
 
-    _serializer.MAX_ATTR_LENGTH = max(_serializer.MAX_ATTR_LENGTH, ATTR_LENGTH)
+    optuna_compat.show_long_attributes()  # every epoch's metrics, not the first 1,024 chars
     return Guard(optuna_dashboard.wsgi(storage), allow_writes=allow_writes, token=token)
 
 

@@ -113,3 +113,11 @@ def database_now(storage: optuna.storages.BaseStorage) -> datetime.datetime:
 
     with session(storage) as opened:
         return opened.execute(sqlalchemy.func.current_timestamp()).scalar_one()
+
+
+def show_long_attributes(limit: int = 1 << 20) -> None:
+    """Let optuna-dashboard show attribute values up to `limit` characters (it cuts them at
+    1,024: a trial's `epoch_metrics` is longer)."""
+    from optuna_dashboard import _serializer
+
+    _serializer.MAX_ATTR_LENGTH = max(_serializer.MAX_ATTR_LENGTH, limit)

@@ -32,7 +32,7 @@ from search.exceptions import SearchError
 from search.heartbeat import reap_stale_trials
 from search.progress import progress_display
 from search.spec import StudySpec, load_spec
-from search.storage import mask_url, open_storage, resolve_storage_url
+from search.storage import mask_url, open_storage, open_storage_read_only, resolve_storage_url
 from search.study import create_or_load_study, load_study
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def resume(
         SearchError: `n_trials` is below the trials already finished, or storage errors.
     """
     url = resolve_storage_url(storage)
+    open_storage_read_only(url)  # a typo in a SQLite path is an error, not a new database
     opened = open_storage(url)
     study, spec = load_study(study_name, opened)
     before = budget_state(study)

@@ -8,7 +8,7 @@ from typing import Any
 
 import optuna
 
-from search import record
+from search import optuna_compat, record
 from search.budget import study_lock
 from search.retry import fail_and_requeue
 from search.space import suggest
@@ -62,7 +62,8 @@ def make_finished_study(url: str, name: str) -> optuna.Study:
     suggest(lost, spec)
     lost.set_user_attr(record.WORKER, "dead-worker")
     with study_lock(study):
-        fail_and_requeue(study, lost._trial_id, reason=record.Outcome.HEARTBEAT_LOST.value)
+        lost_id = optuna_compat.trial_id(lost)
+        fail_and_requeue(study, lost_id, reason=record.Outcome.HEARTBEAT_LOST.value)
     Worker(name, url, worker_id="review-w0").run()
     return optuna.load_study(study_name=name, storage=open_storage(url))
 

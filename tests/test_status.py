@@ -14,7 +14,7 @@ from conftest import cli_env
 from rich.console import Console
 from typer.testing import CliRunner
 
-from search import record
+from search import optuna_compat, record
 from search.budget import BudgetState
 from search.cli import app
 from search.exceptions import StorageError
@@ -105,7 +105,7 @@ def test_status_shows_running_trials_with_heartbeat_age_and_stale_ones(tmp_path:
     trial.set_user_attr(record.DEVICE, "cuda:0")
     trial.report(0.5, 1)
     trial.report(0.4, 2)
-    storage.record_heartbeat(trial._trial_id)
+    storage.record_heartbeat(optuna_compat.trial_id(trial))
     fresh = study_status(open_storage_read_only(url), "live")
     (running,) = fresh["running"]
     assert (running["host"], running["device"], running["epoch"]) == ("gpu-box-7", "cuda:0", 2)
