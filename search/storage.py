@@ -267,7 +267,7 @@ def open_storage_read_only(url: str) -> optuna.storages.RDBStorage:
         if not database or database == ":memory:" or not Path(database).is_file():
             raise StorageError(
                 f"no SQLite file {database or ':memory:'}: check the path in "
-                f"{mask_url(url)!r} (a read-only command creates nothing)"
+                f"{mask_url(url)!r} (nothing was created)"
             )
         path = Path(database).resolve()
         engine_url = engine_url.set(database=f"file:{path}?mode=ro", query={"uri": "true"})

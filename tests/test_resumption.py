@@ -188,3 +188,10 @@ def test_interrupted_resume_exits_3_and_hands_trials_back(sqlite_url: str, study
     assert resumed.returncode == 3, err[-2000:]
     assert json.loads(out)["status"] == "interrupted"
     assert _states(sqlite_url, study_name)[TrialState.RUNNING] == 0
+
+
+def test_resume_on_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "typo.db"
+    result = CliRunner().invoke(app, ["resume", "x", "--storage", f"sqlite:///{missing}"])
+    assert result.exit_code == 2 and result.output.startswith("Error: no SQLite file")
+    assert list(tmp_path.iterdir()) == []

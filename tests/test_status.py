@@ -68,8 +68,8 @@ def test_status_on_a_missing_sqlite_file_is_one_line_and_creates_nothing(tmp_pat
                             env=cli_env(), timeout=60, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "Error: no SQLite file typo.db: check the path in 'sqlite:///typo.db' (a read-only "
-        "command creates nothing)"
+        "Error: no SQLite file typo.db: check the path in 'sqlite:///typo.db' (nothing was "
+        "created)"
     ]
     assert list(tmp_path.iterdir()) == []
 
