@@ -265,19 +265,10 @@ def status(
 
 
 def _read_only_study(study_name: str, storage: str | None) -> Any:
-    import optuna
+    from search.status import open_study_read_only
+    from search.storage import resolve_storage_url
 
-    from search.exceptions import StudyNotFoundError
-    from search.storage import open_storage_read_only, resolve_storage_url
-
-    opened = open_storage_read_only(resolve_storage_url(storage))
-    try:
-        return optuna.load_study(study_name=study_name, storage=opened)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
-        raise StudyNotFoundError(
-            f"no study {study_name!r} here; studies: {', '.join(names) or 'none'}"
-        ) from None
+    return open_study_read_only(study_name, resolve_storage_url(storage))
 
 
 def _write_output(text: str, output: Path | None) -> None:
@@ -445,6 +436,7 @@ def resume(
     workers: Annotated[
         int | None, typer.Option("--workers", min=1, help="Worker processes on this machine.")
     ] = None,
+    checkpoint_dir: CheckpointOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Continue STUDY from the database alone (its stored spec) until its total.
@@ -460,22 +452,10 @@ def resume(
             storage,
             n_trials=n_trials,
             workers=workers,
+            checkpoint_dir=checkpoint_dir,
             progress=None if as_json else err_console,
         )
-    if as_json:
-        typer.echo(json.dumps(result.as_dict(), indent=2, default=str))
-    else:
-        typer.echo(
-            f"Study {result.study}: {result.status}, {result.finished}/{result.n_trials} "
-            f"finished ({result.complete} complete, {result.pruned} pruned, {result.failed} "
-            f"failed; {result.finished_before} before this resume)."
-        )
-        if result.message:
-            typer.echo(result.message)
-        if result.best_trial is not None:
-            typer.echo(
-                f"Best trial {result.best_trial}: {result.best_value:.6g} {result.best_params}"
-            )
+    typer.echo(json.dumps(result.as_dict(), indent=2, default=str) if as_json else str(result))
     raise typer.Exit(result.exit_code)
 
 

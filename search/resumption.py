@@ -65,6 +65,18 @@ class RunResult:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def __str__(self) -> str:
+        lines = [
+            f"Study {self.study}: {self.status}, {self.finished}/{self.n_trials} finished "
+            f"({self.complete} complete, {self.pruned} pruned, {self.failed} failed; "
+            f"{self.finished_before} finished before)."
+        ]
+        if self.message:
+            lines.append(self.message)
+        if self.best_trial is not None and self.best_value is not None:
+            lines.append(f"Best trial {self.best_trial}: {self.best_value:.6g} {self.best_params}")
+        return "\n".join(lines)
+
 
 def resume(
     study_name: str,

@@ -69,6 +69,25 @@ def study_status(storage: optuna.storages.BaseStorage, name: str) -> dict[str, A
     return row
 
 
+def open_study_read_only(name: str, url: str) -> optuna.Study:
+    """Load study `name` through a read-only storage (nothing created, nothing migrated).
+
+    Raises:
+        StorageError: see `open_storage_read_only`.
+        StudyNotFoundError: no study of that name there.
+    """
+    from search.storage import open_storage_read_only
+
+    storage = open_storage_read_only(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise StudyNotFoundError(
+            f"no study {name!r} here; studies: {', '.join(names) or 'none'}"
+        ) from None
+
+
 def status_rows(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
     """`study_status` for every study in the storage."""
     return [study_status(storage, s.study_name) for s in optuna.get_all_study_summaries(storage)]
