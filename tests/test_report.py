@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import html.parser
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from search import record
 from search.report import compute_summary, epochs_run
 
 pytestmark = pytest.mark.slow
+ARTIFACTS_ENV = "SEARCH_TEST_ARTIFACTS"
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -105,8 +107,12 @@ def test_report_renders_every_plot_offline_without_console_errors(study_db, tmp_
     assert _digest(db.parent) == before  # the report wrote nothing to the database folder
     page = out.read_text()
     assert "<script src=" not in page and page.count("plotly.js v") >= 1  # embedded, once
-    dom, console = open_in_chromium(out, tmp_path / "profile", tmp_path / "report.png")
-    print(f"report screenshot: {tmp_path / 'report.png'}")
+    shot = tmp_path / "report.png"
+    dom, console = open_in_chromium(out, tmp_path / "profile", shot)
+    if os.environ.get(ARTIFACTS_ENV):  # keep the screenshot beyond pytest's tmp rotation
+        Path(os.environ[ARTIFACTS_ENV]).mkdir(parents=True, exist_ok=True)
+        shot = Path(shutil.copy(shot, Path(os.environ[ARTIFACTS_ENV]) / "report.png"))
+    print(f"report screenshot: {shot}")
     assert console == []
     plots = _Plots()
     plots.feed(dom)
