@@ -98,7 +98,8 @@ def resume(
         SearchError: `n_trials` is below the trials already finished, or storage errors.
     """
     url = resolve_storage_url(storage)
-    open_storage_read_only(url)  # a typo in a SQLite path is an error, not a new database
+    # A typo in a SQLite path is an error, not a new empty database.
+    open_storage_read_only(url).engine.dispose()
     opened = open_storage(url)
     study, spec = load_study(study_name, opened)
     before = budget_state(study)
