@@ -117,6 +117,7 @@ def launch(
     ] = True,
 ) -> None:
     """Create the study (or continue it) and run workers on this machine until it is done."""
+    from search.ending import check_result
     from search.launch import Launcher, plan_workers, visible_gpus
     from search.progress import best_summary, progress_display
     from search.spec import load_spec
@@ -155,7 +156,9 @@ def launch(
             err_console.print("Interrupted: workers stopped, running trials handed back.")
             raise typer.Exit(130) from None
         console.print(best_summary(study, final))
-        if not final.done:
+        if final.done:
+            check_result(study)
+        else:
             raise SearchError(
                 f"workers stopped with {final.finished} of {final.n_trials} trials finished; "
                 f"see the logs in {launcher.children[0].log_path.parent}"
@@ -184,13 +187,13 @@ def worker(
             "--stop-timeout",
             min=1,
             help="Seconds to wait for an epoch boundary after SIGTERM "
-            "before handing the trial back and exiting.",
+            "before handing the trial back and exiting (a second signal: at once).",
         ),
-    ] = 120.0,
+    ] = 50.0,
 ) -> None:
     """Pull trials of STUDY from the database and train them until the budget is met."""
     from search.storage import resolve_storage_url
-    from search.worker import run_worker
+    from search.watchdog import EXIT_RECYCLE, run_worker
 
     if device != "cpu" and not device.startswith("cuda"):
         raise typer.BadParameter(f"expected cpu or cuda:N, got {device!r}", param_hint="--device")
@@ -209,6 +212,8 @@ def worker(
         result.failed,
         " (stopped by signal)" if result.preempted else "",
     )
+    if result.recycle:
+        raise typer.Exit(EXIT_RECYCLE)
 
 
 @app.command()

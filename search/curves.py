@@ -8,13 +8,14 @@ See `search.pruning` for the rule table and NaN/inf behaviour.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial
 
-from search.objective import HISTORY_ATTR
+from search.record import epoch_rows
 
 RULES = ("non-finite", "divergence", "explosion", "stall")
 
@@ -26,6 +27,7 @@ class Verdict:
     rule: str
     reason: str
     infeasible: bool
+    end: bool = False  # True: end the trial as COMPLETE at its best, not PRUNED
 
 
 @dataclass(frozen=True)
@@ -43,18 +45,35 @@ class Curve:
     @classmethod
     def of(cls, trial: FrozenTrial, direction: StudyDirection) -> Curve:
         """Read the curve from the frozen trial alone (no storage query)."""
+        rows = {int(r.get("epoch", -1)): r for r in epoch_rows(trial)}
         steps = sorted(trial.intermediate_values)
+        merged = [{**rows.get(s, {}), "epoch": s} for s in steps]
         raw = [float(trial.intermediate_values[s]) for s in steps]
-        rows = {int(r.get("epoch", -1)): r for r in trial.user_attrs.get(HISTORY_ATTR) or []}
-        extras = {
-            k: [float(rows.get(s, {}).get(k, math.nan)) for s in steps]
-            for k in ("train_loss", "grad_norm")
-        }
         last = rows.get(steps[-1], {}) if steps else {}
         name = next((k for k, v in last.items() if k != "epoch" and _same(v, raw[-1])), "value")
+        for row, value in zip(merged, raw, strict=True):
+            row[name] = value
+        return cls.from_rows(merged, metric=name, direction=direction, params=trial.params)
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        metric: str,
+        direction: StudyDirection,
+        params: Mapping[str, Any] | None = None,
+    ) -> Curve:
+        """Build the curve from in-memory per-epoch rows (`{"epoch": 1, metric: ..., ...}`),
+        as the worker holds them; no storage query."""
+        steps = [int(r["epoch"]) for r in rows]
+        raw = [float(r.get(metric, math.nan)) for r in rows]
+        extras = {
+            k: [float(r.get(k, math.nan)) for r in rows] for k in ("train_loss", "grad_norm")
+        }
         sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0
         positive = sign > 0 and all(v >= 0 for v in raw if math.isfinite(v))
-        return cls(name, steps, [sign * v for v in raw], extras, positive, sign)
+        return cls(metric, steps, [sign * v for v in raw], extras, positive, sign)
 
     def shown(self, value: float) -> str:
         """A flipped value as the trial reported it."""
@@ -70,9 +89,9 @@ class Curve:
 
 def non_finite(curve: Curve) -> Verdict | None:
     """NaN or +-inf in the metric, `train_loss` or `grad_norm` at any reported epoch."""
+    reported = {k: v for k, v in curve.extras.items() if curve.reported(k)}
     for i, step in enumerate(curve.steps):
-        checks = [(curve.name, curve.values[i])]
-        checks += [(k, v[i]) for k, v in curve.extras.items() if curve.reported(k)]
+        checks = [(curve.name, curve.values[i]), *((k, v[i]) for k, v in reported.items())]
         for key, value in checks:
             if not math.isfinite(value):
                 return Verdict("non-finite", f"{key} is {value} at epoch {step}", True)

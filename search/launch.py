@@ -25,9 +25,12 @@ from typing import IO, Any
 import optuna
 from optuna.trial import TrialState
 
-from search.budget import BudgetState, budget_state, study_lock
+from search import optuna_compat, record
+from search.budget import BudgetState, budget_state
+from search.record import Outcome
 from search.retry import fail_and_requeue
 from search.storage import STORAGE_ENV
+from search.watchdog import EXIT_RECYCLE, RECYCLE_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +193,7 @@ class Launcher:
             **os.environ,
             **child.plan.env,
             STORAGE_ENV: self.storage_url,
+            RECYCLE_ENV: "1",
             "PYTHONUNBUFFERED": "1",
         }
         command = [sys.executable, "-m", "search"]
@@ -234,6 +238,9 @@ class Launcher:
                 child.log.close()
             if code == 0 or self._stopping or budget_state(self.study).done:
                 child.done = True
+            elif code == EXIT_RECYCLE:  # it asked for a fresh process: not a crash
+                logger.info("Worker %s recycled; starting a fresh process.", child.worker_id)
+                self._start(child)
             elif code == 2 or child.restarts >= MAX_RESTARTS:
                 child.done = True
                 logger.error(
@@ -258,10 +265,14 @@ class Launcher:
     def _hand_back_orphans(self) -> None:
         """Trials left RUNNING by workers that had to be killed are failed and requeued."""
         ours = {c.worker_id for c in self.children}
-        with study_lock(self.study):
-            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if trial.user_attrs.get("worker") not in ours:
-                    continue
-                fail_and_requeue(
-                    self.study, trial._trial_id, reason="interrupted", count_against_limit=False
-                )
+        storage = optuna_compat.storage_of(self.study)
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get(record.WORKER) not in ours:
+                continue
+            fail_and_requeue(
+                storage,
+                optuna_compat.study_id(self.study),
+                optuna_compat.trial_id(trial),
+                Outcome.INTERRUPTED,
+                max_retries=None,
+            )

@@ -34,6 +34,7 @@ import optuna
 from optuna.pruners import BasePruner
 from optuna.trial import FrozenTrial
 
+from search import optuna_compat
 from search.curves import (
     RULES,
     Curve,
@@ -45,8 +46,8 @@ from search.curves import (
     non_finite,
     stall,
 )
-from search.objective import CONSTRAINT, record_prune
-from search.trend import TrendPruner
+from search.record import CONSTRAINT_KEY, record_prune
+from search.trend import Peers, TrendPruner
 
 __all__ = [
     "RULES",
@@ -156,17 +157,30 @@ class DivergencePruner(BasePruner):
         """The first own-curve rule that fires, else the comparative verdict, else None."""
         if trial.last_step is None:
             return None
-        curve = Curve.of(trial, study.direction)
-        for rule in self.rules:
-            verdict = self._apply(rule, curve)
-            if verdict is not None:
-                return verdict
+        verdict = self.judge(Curve.of(trial, study.direction), None)
+        if verdict is not None:
+            return verdict
         if isinstance(self.comparative, TrendPruner):
             return self.comparative.decide(study, trial)
         if self.comparative is None or not self.comparative.prune(study, trial):
             return None
         name = type(self.comparative).__name__
         return Verdict("comparative", f"pruned by {name} at epoch {trial.last_step}", False)
+
+    def judge(self, curve: Curve, peers: Peers | None) -> Verdict | None:
+        """The own-curve rules, then `TrendPruner`'s comparison with `peers`; pure, no I/O.
+
+        A wrapped Optuna pruner (not a `TrendPruner`) is not asked here: it needs a study.
+        """
+        if not curve.steps:
+            return None
+        for rule in self.rules:
+            verdict = self._apply(rule, curve)
+            if verdict is not None:
+                return verdict
+        if isinstance(self.comparative, TrendPruner):
+            return self.comparative.judge(curve, peers)
+        return None
 
     def _apply(self, rule: str, curve: Curve) -> Verdict | None:
         if rule == "non-finite":
@@ -205,11 +219,11 @@ def record(
     constrain = (
         verdict.infeasible
         and mark_infeasible
-        and f"constraints:{CONSTRAINT}" not in trial.system_attrs
+        and CONSTRAINT_KEY not in trial.system_attrs
     )
     attrs = record_prune(
-        study._storage,
-        trial._trial_id,
+        optuna_compat.storage_of(study),
+        optuna_compat.trial_id(trial),
         verdict.rule,
         verdict.reason,
         infeasible=verdict.infeasible,

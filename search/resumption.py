@@ -155,9 +155,6 @@ def _run(
     state = budget_state(study)
     if state.done:
         return _result(study, url, before, state, "already-done", EXIT_DONE, 0)
-    # Heartbeats are read against the study's own settings (as each worker does).
-    storage.heartbeat_interval = spec.workers.heartbeat_interval
-    storage.grace_period = spec.workers.grace_period
     reaped = reap_stale_trials(
         study,
         storage,
@@ -172,8 +169,8 @@ def _run(
         log_dir=log_dir or Path("search-logs") / spec.name,
         checkpoint_dir=checkpoint_dir,
     )
-    # Fresh worker names, so seeded workers draw new parameters instead of replaying the
-    # sequence of the launch they continue (a worker's seed derives from its name).
+    # Worker names of this launcher process alone: two resumes on one machine must not take
+    # each other's trials for their own (a stopping launcher hands its workers' trials back).
     for child in launcher.children:
         child.worker_id = f"{socket.gethostname()}-r{os.getpid()}-w{child.plan.index}"
     try:

@@ -151,6 +151,8 @@ class WorkersSpec(_Model):
     max_failures: int | None = Field(None, ge=1)  # None: max(5, n_trials)
     checkpoint_dir: str | None = None
     oom_grad_accumulation: bool = False
+    epoch_timeout: float | None = Field(None, gt=0)  # seconds between two reports
+    trial_timeout: float | None = Field(None, gt=0)  # seconds from claim to the end
 
     @model_validator(mode="after")
     def _grace_exceeds_interval(self) -> WorkersSpec:

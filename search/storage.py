@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import Callable
@@ -17,8 +18,10 @@ from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy.exc
+import sqlalchemy.pool
 from sqlalchemy.engine import make_url
 
+from search import optuna_compat
 from search.exceptions import StorageError
 
 logger = logging.getLogger(__name__)
@@ -26,9 +29,12 @@ logger = logging.getLogger(__name__)
 STORAGE_ENV = "SEARCH_STORAGE"
 DEFAULT_STORAGE = "sqlite:///search.db"
 CONNECT_TIMEOUT_ENV = "SEARCH_CONNECT_TIMEOUT"
-#: Connections one worker may hold: main loop + heartbeat thread + budget lock + one spare.
-POOL_SIZE = 3
-POOL_OVERFLOW = 1
+#: Connections one worker holds: one, shared in turn by its main loop, heartbeat and reaper
+#: threads (each storage call is one short transaction; none nests another).
+POOL_SIZE = 1
+POOL_OVERFLOW = 0
+#: How long a storage call keeps retrying a dropped connection or an outage.
+OUTAGE_SECONDS = 120.0
 
 _FATAL_MARKERS = (
     "password authentication failed",
@@ -101,30 +107,38 @@ def open_storage(
         ) from e
     if backend not in ("sqlite", "postgresql"):
         raise StorageError(f"unsupported storage {backend!r}: use sqlite:/// or postgresql://")
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # No pre-ping (a round trip per call): a dropped connection fails its call, which is
+    # retried on a new connection (`retry_transient`).
+    engine_kwargs: dict[str, Any] = {}
+    engine_kwargs.update(pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_timeout=60)
     if backend == "sqlite":
         _prepare_sqlite(url)
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
-        engine_kwargs.update(
-            pool_size=POOL_SIZE,
-            max_overflow=POOL_OVERFLOW,
-            pool_timeout=60,
-            connect_args={"connect_timeout": 10},
-        )
+        # Named per process, so an operator (or a test) sees which worker holds a connection.
+        name = f"search {socket.gethostname()}:{os.getpid()}"[:63]
+        engine_kwargs["connect_args"] = {"connect_timeout": 10, "application_name": name}
     if connect_timeout is None:
         connect_timeout = float(os.environ.get(CONNECT_TIMEOUT_ENV, "30"))
     deadline = time.monotonic() + connect_timeout
     delay = 0.5
     while True:
         try:
-            return ResilientRDBStorage(
+            # Optuna's schema set-up and check hold a session while opening a second
+            # connection; with one connection per process both are done apart, first.
+            _initialize_schema(engine_url, engine_kwargs["connect_args"])
+            storage = ResilientRDBStorage(
                 engine_url,
                 engine_kwargs=engine_kwargs,
+                skip_compatibility_check=True,
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=stale_trial_callback,
             )
+            problem = optuna_compat.schema_problem(storage)
+            if problem:
+                raise StorageError(f"storage {mask_url(url)}: {problem}")
+            return storage
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
             reason = _reason(e)
             if _is_fatal(reason) or time.monotonic() + delay > deadline:
@@ -138,6 +152,18 @@ def open_storage(
             )
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def _initialize_schema(engine_url: str, connect_args: dict[str, Any]) -> None:
+    """Create Optuna's tables in a new database with a throwaway, unpooled engine."""
+    kwargs = {"poolclass": sqlalchemy.pool.NullPool, "connect_args": connect_args}
+    engine = sqlalchemy.create_engine(engine_url, **kwargs)
+    try:
+        if sqlalchemy.inspect(engine).has_table("alembic_version"):
+            return
+        optuna.storages.RDBStorage(engine_url, engine_kwargs=kwargs)
+    finally:
+        engine.dispose()
 
 
 def _prepare_sqlite(url: str) -> None:
@@ -180,24 +206,30 @@ def _is_transient(error: BaseException) -> bool:
     return False
 
 
-def _retrying(method: Callable[..., _T], *, outage_seconds: float = 120.0) -> Callable[..., _T]:
-    @functools.wraps(method)
-    def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> _T:
+def retry_transient(
+    call: Callable[..., _T], *, outage_seconds: float = OUTAGE_SECONDS
+) -> Callable[..., _T]:
+    """Retry `call(storage, ...)` on a dropped connection or outage, with backoff, for up to
+    `outage_seconds`; other errors propagate at once. The first argument must be the storage
+    (an RDB storage, or Optuna's cache around one), whose thread's session is reset first."""
+
+    @functools.wraps(call)
+    def wrapper(storage: Any, *args: Any, **kwargs: Any) -> _T:
         deadline = time.monotonic() + outage_seconds
         delay = 0.2
         while True:
             try:
-                return method(self, *args, **kwargs)
+                return call(storage, *args, **kwargs)
             except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
                 if not _is_transient(e) or time.monotonic() + delay > deadline:
                     raise
                 logger.warning(
                     "Database call %s failed (%s); reconnecting in %.1f s.",
-                    method.__name__,
+                    call.__name__,
                     _reason(e),
                     delay,
                 )
-                self.scoped_session.remove()
+                getattr(storage, "_backend", storage).scoped_session.remove()
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -212,8 +244,11 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
     """
 
 
-for _name in (
+#: Every RDBStorage method a worker or launcher reaches, Optuna's cache's own calls included
+#: (`tests/test_storage.py` checks this against the installed Optuna's cache).
+RETRIED_METHODS = (
     "create_new_study",
+    "delete_study",
     "set_study_user_attr",
     "set_study_system_attr",
     "get_study_id_from_name",
@@ -225,7 +260,9 @@ for _name in (
     "get_trial_system_attrs",
     "get_all_studies",
     "create_new_trial",
+    "_create_new_trial",
     "set_trial_param",
+    "_set_trial_param",
     "get_trial_param",
     "set_trial_state_values",
     "set_trial_intermediate_value",
@@ -234,11 +271,16 @@ for _name in (
     "get_trial_id_from_study_id_trial_number",
     "get_trial",
     "get_all_trials",
+    "_get_trials",
     "get_best_trial",
+    "_get_best_trial_id",
     "record_heartbeat",
     "_get_stale_trial_ids",
-):
-    setattr(ResilientRDBStorage, _name, _retrying(getattr(optuna.storages.RDBStorage, _name)))
+)
+for _name in RETRIED_METHODS:
+    setattr(
+        ResilientRDBStorage, _name, retry_transient(getattr(optuna.storages.RDBStorage, _name))
+    )
 
 
 def open_storage_read_only(url: str) -> optuna.storages.RDBStorage:

@@ -15,22 +15,31 @@ from optuna.pruners import BasePruner
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from search import optuna_compat
 from search.curves import Curve, Verdict, check_ranges
 
 
 @dataclass
-class _Peers:
-    """Sorted running bests of the finished trials at each step, built incrementally."""
+class Peers:
+    """Sorted running bests of the finished trials at each step, built incrementally.
 
+    The caller feeds it finished (COMPLETE or PRUNED) trials with `add`, each once; the
+    worker refreshes it at most every few seconds, so its view is slightly stale.
+    """
+
+    direction: StudyDirection = StudyDirection.MINIMIZE
     seen: set[int] = field(default_factory=set)
     by_step: dict[int, list[float]] = field(default_factory=dict)
     finished: int = 0
     complete: int = 0
     horizon: int = 0
 
-    def add(self, trials: list[FrozenTrial], sign: float) -> None:
+    def add(self, trials: list[FrozenTrial]) -> None:
+        sign = -1.0 if self.direction == StudyDirection.MAXIMIZE else 1.0
         touched: set[int] = set()
         for trial in trials:
+            if trial.number in self.seen:
+                continue
             self.seen.add(trial.number)
             self.finished += 1
             if trial.state == TrialState.COMPLETE:
@@ -111,21 +120,23 @@ class TrendPruner(BasePruner):
         self.horizon = horizon
         self.noise = noise
         self.optimism = optimism
-        self._peers, self._study, self._calls_left = _Peers(), (-1, ""), 0
+        self._peers, self._study, self._calls_left = Peers(), (-1, ""), 0
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         return self.decide(study, trial) is not None
 
     def decide(self, study: optuna.Study, trial: FrozenTrial) -> Verdict | None:
-        """The comparative verdict, or None to keep the trial."""
-        step = trial.last_step
-        if step is None or step < self.n_warmup_steps:
+        """The comparative verdict, or None to keep the trial (Optuna's pruner contract)."""
+        if trial.last_step is None or trial.last_step < self.n_warmup_steps:
             return None
-        curve = Curve.of(trial, study.direction)
+        return self.judge(Curve.of(trial, study.direction), self._refresh(study))
+
+    def judge(self, curve: Curve, peers: Peers | None) -> Verdict | None:
+        """The comparative verdict on an in-memory curve against `peers`; pure, no I/O."""
         steps, values = curve.finite()
-        if not values:
+        if peers is None or not values or steps[-1] < self.n_warmup_steps:
             return None
-        peers = self._refresh(study)
+        step = steps[-1]
         now = peers.by_step.get(step, [])
         if peers.complete < max(1, self.n_startup_trials) or not now:
             return None
@@ -163,17 +174,15 @@ class TrendPruner(BasePruner):
         drop = min(slope, 0.0) * ahead * self.optimism - self.noise * scatter
         return best * math.exp(drop) if log else best + drop
 
-    def _refresh(self, study: optuna.Study) -> _Peers:
-        key = (study._study_id, study.study_name)
+    def _refresh(self, study: optuna.Study) -> Peers:
+        key = (id(optuna_compat.storage_of(study)), study.study_name)
         if self._study != key:
-            self._peers, self._study, self._calls_left = _Peers(), key, 0
+            self._peers, self._study, self._calls_left = Peers(study.direction), key, 0
         if self._calls_left > 0:
             self._calls_left -= 1
             return self._peers
-        sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
         states = (TrialState.COMPLETE, TrialState.PRUNED)
-        trials = study.get_trials(deepcopy=False, states=states)
-        self._peers.add([t for t in trials if t.number not in self._peers.seen], sign)
+        self._peers.add(study.get_trials(deepcopy=False, states=states))
         self._calls_left = self._peers.complete // 50
         return self._peers
 

@@ -9,7 +9,6 @@ from typing import Any
 import optuna
 
 from search import optuna_compat, record
-from search.budget import study_lock
 from search.retry import fail_and_requeue
 from search.space import suggest
 from search.spec import spec_from_dict
@@ -61,9 +60,13 @@ def make_finished_study(url: str, name: str) -> optuna.Study:
     lost = study.ask()
     suggest(lost, spec)
     lost.set_user_attr(record.WORKER, "dead-worker")
-    with study_lock(study):
-        lost_id = optuna_compat.trial_id(lost)
-        fail_and_requeue(study, lost_id, reason=record.Outcome.HEARTBEAT_LOST.value)
+    fail_and_requeue(
+        optuna_compat.storage_of(study),
+        optuna_compat.study_id(study),
+        optuna_compat.trial_id(lost),
+        record.Outcome.HEARTBEAT_LOST,
+        max_retries=1,
+    )
     Worker(name, url, worker_id="review-w0").run()
     return optuna.load_study(study_name=name, storage=open_storage(url))
 

@@ -19,11 +19,14 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, optuna.Study
     return url, make_finished_study(url, "audited")
 
 
-def test_replaying_the_studys_own_pruner_prunes_what_it_pruned(audited) -> None:
+def test_replaying_the_own_curve_rules_prunes_what_they_pruned(audited) -> None:
     _, study = audited
-    happened, same = audit(study, ["default"])
-    assert same.pruned == happened.pruned
-    assert same.epochs == happened.epochs and same.unobserved == []
+    happened, own, default = audit(study, ["default:comparative=none", "default"])
+    diverged = {n: v for n, v in happened.pruned.items() if v["rule"] == "non-finite"}
+    assert diverged  # the study has NaN trials (x > 0.6)
+    assert own.pruned == diverged  # same trials, same epoch, same rule
+    assert diverged.items() <= default.pruned.items()
+    assert own.epochs == happened.epochs  # the rest run to the end of their record
 
 
 def test_no_pruner_prunes_nothing_and_marks_the_unrecorded_epochs(audited) -> None:

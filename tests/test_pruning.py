@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, base_spec
 from optuna.trial import TrialState
 
-from search.objective import Reporter
+from search.reporter import Reporter
 from search.pruning import (
     DivergencePruner,
     TrendPruner,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from tcp_proxy import TcpProxy
 
@@ -105,3 +107,78 @@ def test_database_that_starts_late_is_waited_for(pg_url: str) -> None:
 def test_unsupported_scheme_is_refused() -> None:
     with pytest.raises(StorageError, match="unsupported storage 'mysql'"):
         open_storage("mysql://u:p@h/db")
+
+
+def test_every_backend_call_of_optunas_cache_is_retried() -> None:
+    from search.optuna_compat import cached_backend_calls
+    from search.storage import RETRIED_METHODS
+
+    skipped = {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}  # no I/O
+    assert cached_backend_calls() - skipped <= set(RETRIED_METHODS)
+    for name in RETRIED_METHODS:
+        assert getattr(ResilientRDBStorage, name) is not getattr(
+            optuna.storages.RDBStorage, name), f"{name} is not wrapped"
+
+
+@pytest.mark.slow
+def test_a_connection_storm_kills_no_launcher_and_no_worker(
+        pg_url: str, study_name: str, write_spec, tmp_path) -> None:
+    """Every backend of the study's database is terminated every 2 s for 20 s."""
+    import subprocess
+    import sys
+    import uuid
+
+    import sqlalchemy
+    from conftest import cli_env, sleepy_spec
+
+    from search.storage import normalize_url
+
+    admin = sqlalchemy.create_engine(normalize_url(pg_url), isolation_level="AUTOCOMMIT")
+    database = f"storm_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{database}"'))
+    url = make_url(pg_url).set(database=database).render_as_string(hide_password=False)
+    spec = write_spec(sleepy_spec(study_name, n_trials=14, epochs=3))
+    env = cli_env(url, SEARCH_TEST_EPOCH_SECONDS="0.4")
+    logs = [(tmp_path / f"p{i}.log").open("w") for i in range(3)]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "search", "launch", str(spec), "--workers", "2", "--no-progress",
+         "--log-dir", str(tmp_path / "logs")], env=env, stdout=logs[0], stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not _has_study(url, study_name) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [subprocess.Popen([sys.executable, "-m", "search", "worker", study_name],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+                   for log in logs[1:]]
+        storm_ends = time.monotonic() + 20
+        terminated = 0
+        while time.monotonic() < storm_ends:
+            with admin.connect() as connection:
+                terminated += connection.execute(sqlalchemy.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": database}).scalar()
+            time.sleep(2)
+        codes = [p.wait(timeout=240) for p in (launcher, *workers)]
+        outputs = [(tmp_path / f"p{i}.log").read_text()[-3000:] for i in range(3)]
+        assert terminated >= 10, "the storm hit the processes"
+        assert codes == [0, 0, 0], outputs
+        states = Counter(t.state for t in optuna.load_study(
+            study_name=study_name, storage=open_storage(url)).trials)
+        assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 14, states
+        assert states[TrialState.RUNNING] == states[TrialState.WAITING] == 0, states
+    finally:
+        for process in (launcher, *locals().get("workers", [])):
+            if process.poll() is None:
+                process.kill()
+        with admin.connect() as connection:
+            drop = f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'
+            connection.execute(sqlalchemy.text(drop))
+        admin.dispose()
+
+
+def _has_study(url: str, name: str) -> bool:
+    try:
+        return any(s.study_name == name for s in open_storage(url).get_all_studies())
+    except StorageError:
+        return False

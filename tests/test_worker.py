@@ -215,16 +215,16 @@ def test_out_of_memory_is_recorded_infeasible_and_not_retried(
     # big configs, as the CUDA allocator would.
     spec = sleepy_spec(
         study_name,
-        n_trials=5,
+        n_trials=7,
         epochs=2,
         sampler={"type": "random"},
         objective={"function": "objectives:oom_when_big"},
-        space={"batch_size": {"choices": [16, 64]}, "width": {"choices": [32, 64, 128]}},
+        space={"batch_size": {"choices": [16, 64]}, "width": {"choices": [64]}},
     )
     _create(pg_url, spec)
     worker = _worker(study_name, pg_url, tmp_path, "w")
     assert worker.wait(timeout=120) == 0, _log(tmp_path, "w")[-3000:]
-    trials = _assert_exact(pg_url, study_name, 5)
+    trials = _assert_exact(pg_url, study_name, 7)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     oom = [t for t in failed if t.user_attrs["fail_reason"] == "oom"]
     assert len(oom) == 1, "the first OOM is run; larger configs are skipped afterwards"
@@ -279,3 +279,46 @@ def test_an_objective_that_always_fails_stops_the_worker_with_one_line(
     assert "Error: 3 trials failed with errors (max_failures=3); the last: error: KeyError" in log
     trials = _trials(pg_url, study_name)
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
+
+
+def test_a_restarted_worker_with_the_same_name_repeats_no_parameters(
+    pg_url: str, study_name: str, tmp_path: Path
+) -> None:
+    # The sampler is seeded per trial (spec seed, trial number), not by the worker's name:
+    # a seeded random sampler would otherwise replay its predecessor's draws exactly.
+    _create(pg_url, sleepy_spec(study_name, n_trials=10, epochs=2, sampler={"type": "random"}))
+    first = _worker(study_name, pg_url, tmp_path, "w0", epoch_seconds=0.2)
+    _wait_for(
+        lambda: sum(t.state == TrialState.COMPLETE for t in _trials(pg_url, study_name)) >= 3,
+        90,
+        "three finished trials",
+    )
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    again = _worker(study_name, pg_url, tmp_path, "w0", epoch_seconds=0.2)
+    assert again.wait(timeout=180) == 0, _log(tmp_path, "w0")[-3000:]
+    trials = _assert_exact(pg_url, study_name, 10)
+    fresh = [t.params["x"] for t in trials if "retry_of" not in t.user_attrs]
+    assert len(fresh) == len(set(fresh)), "a restart replayed parameters"
+    assert len({t.user_attrs["pid"] for t in trials if "pid" in t.user_attrs}) == 2
+
+
+def test_a_worker_holds_one_database_connection(
+    pg_url: str, study_name: str, tmp_path: Path
+) -> None:
+    _create(pg_url, sleepy_spec(study_name, n_trials=3, epochs=8))
+    worker = _worker(study_name, pg_url, tmp_path, "w", epoch_seconds=0.3)
+    engine = sqlalchemy.create_engine(normalize_url(pg_url))
+    try:
+        _wait_for(lambda: _running_with_epochs(pg_url, study_name, 1), 60, "a running trial")
+        held = []
+        with engine.connect() as connection:
+            for _ in range(40):
+                held.append(connection.execute(sqlalchemy.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"),
+                    {"name": f"search {os.uname().nodename}:{worker.pid}"}).scalar())
+                time.sleep(0.1)
+        assert max(held) == 1, held
+    finally:
+        engine.dispose()
+    assert worker.wait(timeout=120) == 0, _log(tmp_path, "w")[-3000:]
