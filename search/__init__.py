@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from search.checkpoint import Checkpoint
+from search.checkpoint import Checkpoint, Checkpoints
 from search.exceptions import (
+    CheckpointError,
+    DiskFullError,
     EarlyStopped,
     ObjectiveError,
     Preempted,
@@ -19,12 +21,15 @@ from search.pruning import DivergencePruner, TrendPruner, default_pruner
 from search.resumption import RunResult, launch, resume
 from search.spec import StudySpec, load_spec
 from search.storage import mask_url, open_storage, open_storage_read_only, resolve_storage_url
-from search.study import create_or_load_study, load_study
+from search.study import create_or_load_study, create_or_update_study, load_study
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Checkpoint",
+    "CheckpointError",
+    "Checkpoints",
+    "DiskFullError",
     "DivergencePruner",
     "EarlyStopped",
     "ObjectiveError",
@@ -40,6 +45,7 @@ __all__ = [
     "TrendPruner",
     "TrialLost",
     "create_or_load_study",
+    "create_or_update_study",
     "default_pruner",
     "launch",
     "load_spec",

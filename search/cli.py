@@ -118,17 +118,20 @@ def launch(
 ) -> None:
     """Create the study (or continue it) and run workers on this machine until it is done."""
     from search.ending import check_result
-    from search.launch import Launcher, plan_workers, visible_gpus
+    from search.launch import Launcher, check_gpus, plan_workers, visible_gpus
     from search.progress import best_summary, progress_display
     from search.spec import load_spec
     from search.storage import mask_url, open_storage, resolve_storage_url
-    from search.study import create_or_load_study
+    from search.study import create_or_update_study
 
     with _errors():
+        available = visible_gpus()
+        gpu_ids = check_gpus(gpus, available) if gpus else available
         spec = load_spec(spec_path)
         url = resolve_storage_url(storage, spec.storage)
-        study = create_or_load_study(spec, open_storage(url), n_trials=n_trials)
-        gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else visible_gpus()
+        update = create_or_update_study(spec, open_storage(url), n_trials=n_trials)
+        study = update.study
+        err_console.print(update.describe(), markup=False, highlight=False, soft_wrap=True)
         plans = plan_workers(workers=workers, gpus=gpu_ids, workers_per_gpu=workers_per_gpu)
         err_console.print(
             f"Study [bold]{spec.name}[/] in {mask_url(url)}: "
@@ -159,10 +162,7 @@ def launch(
         if final.done:
             check_result(study)
         else:
-            raise SearchError(
-                f"workers stopped with {final.finished} of {final.n_trials} trials finished; "
-                f"see the logs in {launcher.children[0].log_path.parent}"
-            )
+            raise SearchError(launcher.failure_summary(final))
 
 
 @app.command()
@@ -187,7 +187,8 @@ def worker(
             "--stop-timeout",
             min=1,
             help="Seconds to wait for an epoch boundary after SIGTERM "
-            "before handing the trial back and exiting (a second signal: at once).",
+            "before handing the trial back and exiting (a second signal: at once; "
+            "`search launch` kills a worker 10 s after this).",
         ),
     ] = 50.0,
 ) -> None:
@@ -227,12 +228,14 @@ def create(
     """Create the study (or check the existing one matches) without running trials."""
     from search.spec import load_spec
     from search.storage import mask_url, open_storage, resolve_storage_url
-    from search.study import create_or_load_study
+    from search.study import create_or_update_study
 
     with _errors():
         spec = load_spec(spec_path)
         url = resolve_storage_url(storage, spec.storage)
-        study = create_or_load_study(spec, open_storage(url), n_trials=n_trials)
+        update = create_or_update_study(spec, open_storage(url), n_trials=n_trials)
+        study = update.study
+        typer.echo(update.describe())
         typer.echo(
             f"Study {study.study_name} ready in {mask_url(url)} "
             f"(budget {study.user_attrs['n_trials']} trials)."

@@ -8,7 +8,10 @@ The tree::
     ├── StudyConflictError      an existing study was defined differently
     ├── StudyNotFoundError      no study of that name in the storage
     ├── ObjectiveError          the objective cannot be imported, or breaks the contract
-    └── TooManyFailures         the study's trials keep failing (max_failures reached)
+    ├── TooManyFailures         the study's trials keep failing (max_failures reached)
+    ├── LaunchError             `search launch` cannot start its workers as asked (a GPU absent)
+    └── CheckpointError         the checkpoint folder cannot be created or written
+        └── DiskFullError       ... because its filesystem is full (ENOSPC)
 
 Signals that flow from the training loop back to the worker (not errors):
 
@@ -47,6 +50,18 @@ class ObjectiveError(SearchError):
 
 class TooManyFailures(SearchError):
     """The study's trials keep failing with errors; stopping beats burning the budget."""
+
+
+class LaunchError(SearchError):
+    """The launcher cannot start its workers as asked (e.g. a requested GPU is absent)."""
+
+
+class CheckpointError(SearchError):
+    """The checkpoint folder cannot be created or a checkpoint cannot be written."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint could not be written because its filesystem is full (ENOSPC)."""
 
 
 class StopTrial(Exception):

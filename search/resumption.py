@@ -15,8 +15,6 @@ retry bound or `max_failures`), 2 bad input, 3 interrupted.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import sys
 import types
 from dataclasses import asdict, dataclass, field
@@ -169,10 +167,6 @@ def _run(
         log_dir=log_dir or Path("search-logs") / spec.name,
         checkpoint_dir=checkpoint_dir,
     )
-    # Worker names of this launcher process alone: two resumes on one machine must not take
-    # each other's trials for their own (a stopping launcher hands its workers' trials back).
-    for child in launcher.children:
-        child.worker_id = f"{socket.gethostname()}-r{os.getpid()}-w{child.plan.index}"
     try:
         with progress_display(
             study, enabled=progress is not None, console=progress or Console(stderr=True)

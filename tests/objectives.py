@@ -66,6 +66,21 @@ def broken(params: dict[str, Any], device: str, report: Any) -> None:
     raise KeyError("learning_rate")
 
 
+_TRIALS_IN_THIS_PROCESS = [0]
+
+
+def dies_after_one_trial(params: dict[str, Any], device: str, report: Any,
+                         epochs: int = 1) -> None:
+    """Like `sleepy` for one trial per process; the process then exits with
+    `SEARCH_TEST_EXIT_CODE` at the start of its next trial (a crash, or 75: "recycle me")."""
+    _TRIALS_IN_THIS_PROCESS[0] += 1
+    if _TRIALS_IN_THIS_PROCESS[0] > 1:
+        os._exit(int(os.environ["SEARCH_TEST_EXIT_CODE"]))
+    for epoch in range(epochs):
+        time.sleep(EPOCH_SECONDS)
+        report(epoch + 1, {"val_loss": (float(params["x"]) - 0.3) ** 2 + 1.0 / (epoch + 1)})
+
+
 def returns_nan(params: dict[str, Any], device: str, report: Any) -> float:
     """Never reports; returns NaN (a broken objective)."""
     return float("nan")

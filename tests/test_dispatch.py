@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import pytest
 from conftest import cli_env, sleepy_spec
 from optuna.trial import TrialState
 
-from search.launch import plan_workers, visible_gpus
+from search.exceptions import LaunchError
+from search.launch import _last_error_line, check_gpus, plan_workers, visible_gpus
 from search.storage import open_storage
 
 
@@ -53,11 +55,11 @@ def test_visible_gpus_respects_cuda_visible_devices(monkeypatch: pytest.MonkeyPa
     assert visible_gpus() == expected
 
 
-def _launcher(spec_path: Path, storage: str, *args: str) -> subprocess.Popen[str]:
+def _launcher(spec_path: Path, storage: str, *args: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "search", "launch", str(spec_path), "--storage", storage,
          "--no-progress", "--log-dir", str(spec_path.parent / "logs"), *args],
-        env=cli_env(SEARCH_TEST_EPOCH_SECONDS="0.4"), stdout=subprocess.PIPE,
+        env=cli_env(SEARCH_TEST_EPOCH_SECONDS="0.4", **env), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -81,10 +83,12 @@ def _wait_running(storage: str, name: str, timeout: float = 60) -> None:
 @pytest.mark.slow
 def test_gpu_dispatch_sets_cuda_visible_devices_per_worker(
         sqlite_url: str, study_name: str, write_spec) -> None:
-    # No GPU here: the objective only reports the CUDA_VISIBLE_DEVICES its worker was given.
+    # No GPU here: the machine declares six (CUDA_VISIBLE_DEVICES) and the objective only
+    # reports the CUDA_VISIBLE_DEVICES its worker was given.
     spec = write_spec(sleepy_spec(study_name, n_trials=8, epochs=1,
                                   objective={"function": "objectives:env_probe"}))
-    launcher = _launcher(spec, sqlite_url, "--gpus", "3,5", "--workers-per-gpu", "2")
+    launcher = _launcher(spec, sqlite_url, "--gpus", "3,5", "--workers-per-gpu", "2",
+                         CUDA_VISIBLE_DEVICES="0,1,2,3,4,5")
     _, err = launcher.communicate(timeout=180)
     assert launcher.returncode == 0, err[-3000:]
     trials = _trials(sqlite_url, study_name)
@@ -125,3 +129,41 @@ def test_a_crashed_worker_is_restarted_and_the_budget_is_still_exact(
     states = Counter(t.state for t in _trials(sqlite_url, study_name))
     assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 6
     assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0
+
+
+@pytest.mark.parametrize(("requested", "available", "ids"), [
+    ("0", ["0", "1"], ["0"]),
+    ("1, 0", ["0", "1"], ["1", "0"]),
+    ("2,3", ["2", "3"], ["2", "3"]),  # CUDA_VISIBLE_DEVICES=2,3 declares physical ids 2 and 3
+])
+def test_requested_gpus_that_exist_are_used(requested: str, available: list[str],
+                                            ids: list[str]) -> None:
+    assert check_gpus(requested, available) == ids
+
+
+@pytest.mark.parametrize(("requested", "available", "missing"), [
+    ("0", [], "no GPU 0 (GPUs visible here: none;"),
+    ("1,4", ["0", "1"], "no GPU 4 (GPUs visible here: 0, 1;"),
+    (",", ["0"], "no GPU , (GPUs visible here: 0;"),
+])
+def test_requested_gpus_this_machine_lacks_are_refused(requested: str, available: list[str],
+                                                       missing: str) -> None:
+    with pytest.raises(LaunchError, match=re.escape(f"--gpus {requested}: this machine has "
+                                                    f"{missing}")):
+        check_gpus(requested, available)
+
+
+@pytest.mark.parametrize(("log", "cause"), [
+    ("... INFO search.worker: Trial 0 started\nError: 5 trials failed with errors "
+     "(max_failures=5); the last: error: RuntimeError: boom\n",
+     "5 trials failed with errors (max_failures=5); the last: error: RuntimeError: boom"),
+    ("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+     "torch.AcceleratorError: Torch not compiled with CUDA enabled\n"
+     "2026-12-01 10:00:00,000 INFO search.cli: Worker done\n",
+     "torch.AcceleratorError: Torch not compiled with CUDA enabled"),
+    ("2026-12-01 10:00:00,000 INFO search.worker: Trial 0 finished\n", None),
+])
+def test_the_first_cause_is_read_from_a_worker_log(tmp_path: Path, log: str,
+                                                   cause: str | None) -> None:
+    (tmp_path / "worker-0.log").write_text(log)
+    assert _last_error_line(tmp_path / "worker-0.log") == cause
