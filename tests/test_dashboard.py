@@ -82,6 +82,8 @@ def test_dashboard_lists_the_study_with_its_metric_name(served, finished) -> Non
     assert [s["study_name"] for s in summaries] == [finished[1]]
     detail = _study_detail(base, *finished)
     assert detail["objective_names"] == ["val_loss"]
+    code, page = _call(f"{base}/dashboard")  # the web UI itself, under the same guard
+    assert code == 200 and b"<html" in page.lower()
 
 
 def test_dashboard_shows_reasons_retries_and_every_epoch_in_user_attrs(served, finished) -> None:
