@@ -14,9 +14,9 @@ retry bound or `max_failures`), 2 bad input, 3 interrupted.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
-import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ from typing import Any
 import optuna
 from rich.console import Console
 
-from search import launch as _launch_module
 from search.budget import BUDGET_ATTR, BudgetState, budget_state
 from search.exceptions import SearchError
 from search.heartbeat import reap_stale_trials
@@ -229,13 +228,7 @@ def _result(
     return result
 
 
-class _CallableModule(types.ModuleType):
-    """`search.launch` is both the module and, called, `launch()` (for notebooks)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> RunResult:
-        return launch(*args, **kwargs)
-
-
-# `search.launch(...)` must work whether `search.launch` names this function or the module
-# (any `import search.launch` rebinds the package attribute to the module).
-sys.modules[_launch_module.__name__].__class__ = _CallableModule
+# `search.launch(spec, ...)` is this function. Importing `search/launch.py` bound the package's
+# name `launch` to that module; bind it back (the module stays importable by its full name).
+importlib.import_module("search.launch")  # now, so that no later import rebinds the name
+sys.modules["search"].launch = launch  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ from typing import Any
 
 import optuna
 
-from search import record
+from search import config, record
 from search.budget import budget_state, study_lock
 from search.exceptions import SpecError, StudyConflictError, StudyNotFoundError
 from search.pruning import make_pruner
@@ -105,7 +105,7 @@ def create_or_update_study(
         if stored is None:
             if not attrs.get(record.STUDY_UUID):  # set once, before the spec that publishes it
                 study.set_user_attr(record.STUDY_UUID, uuid.uuid4().hex)
-            study.set_user_attr(record.BUDGET, n_trials if n_trials is not None else spec.n_trials)
+            study.set_user_attr(record.BUDGET, config.n_trials(n_trials, spec.n_trials))
             study.set_user_attr(record.SPEC, new)
             study.set_metric_names([spec.metric])  # the dashboard shows it, not "Objective 0"
             logger.info("Created study %r.", spec.name)

@@ -23,7 +23,7 @@ from typing import Any
 
 import optuna
 
-from search import objective, oom, optuna_compat, record
+from search import config, objective, oom, optuna_compat, record
 from search.budget import budget_state, claim
 from search.checkpoint import Checkpoints
 from search.ending import annotate, check_failures, check_result, end_trial
@@ -95,7 +95,7 @@ class Worker:
         self.spec: StudySpec = spec
         self.storage.heartbeat_interval = spec.workers.heartbeat_interval
         self.storage.grace_period = spec.workers.grace_period
-        self.checkpoint_dir = checkpoint_dir or spec.workers.checkpoint_dir
+        self.checkpoint_dir = config.checkpoint_dir(checkpoint_dir, spec.workers.checkpoint_dir)
         self.training = objective.build_training_function(spec)
         self.checkpoints: Checkpoints | None = None
         if self.checkpoint_dir:
