@@ -24,12 +24,13 @@ from typing import Any
 import optuna
 from rich.console import Console
 
+from search import config
 from search.budget import BUDGET_ATTR, BudgetState, budget_state
 from search.exceptions import SearchError
 from search.heartbeat import reap_stale_trials
 from search.progress import progress_display
 from search.spec import StudySpec, load_spec
-from search.storage import mask_url, open_storage, open_storage_read_only, resolve_storage_url
+from search.storage import mask_url, open_storage, open_storage_read_only
 from search.study import create_or_load_study, load_study
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def resume(
         StudyNotFoundError: no such study, or it was not created by `search`.
         SearchError: `n_trials` is below the trials already finished, or storage errors.
     """
-    url = resolve_storage_url(storage)
+    url = config.storage_url(storage)
     # A typo in a SQLite path is an error, not a new empty database.
     open_storage_read_only(url).engine.dispose()
     opened = open_storage(url)
@@ -129,7 +130,7 @@ def launch(
     """
     if not isinstance(spec, StudySpec):
         spec = load_spec(Path(spec))
-    url = resolve_storage_url(storage, spec.storage)
+    url = config.storage_url(storage, spec.storage)
     opened = open_storage(url)
     study = create_or_load_study(spec, opened, n_trials=n_trials)
     before = budget_state(study)
