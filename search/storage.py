@@ -289,6 +289,8 @@ def open_storage_read_only(url: str) -> optuna.storages.RDBStorage:
         StorageError: the URL is invalid, the SQLite file is missing, the database cannot be
             reached, or it holds no Optuna tables; one line, never the password.
     """
+    import urllib.parse
+
     try:
         parsed = make_url(url)
         backend = parsed.get_backend_name()
@@ -306,7 +308,7 @@ def open_storage_read_only(url: str) -> optuna.storages.RDBStorage:
                 f"no SQLite file {database or ':memory:'}: check the path in "
                 f"{mask_url(url)!r} (nothing was created)"
             )
-        path = Path(database).resolve()
+        path = urllib.parse.quote(str(Path(database).resolve()))  # a URI: spaces, #, ? escaped
         engine_url = engine_url.set(database=f"file:{path}?mode=ro", query={"uri": "true"})
         engine_kwargs["connect_args"] = {"timeout": 60}
     elif backend == "postgresql":
