@@ -133,3 +133,12 @@ def test_status_lists_every_study_when_none_is_named(tmp_path: Path) -> None:
     rows = json.loads(result.stdout)
     assert [r["study"] for r in rows] == ["first", "second"]
     assert all(r["counts"]["COMPLETE"] == 1 and r["best_value"] == 1.5 for r in rows)
+
+
+def test_read_only_opens_a_sqlite_path_with_spaces_and_hashes(tmp_path: Path) -> None:
+    folder = tmp_path / "my studies #2"
+    folder.mkdir()
+    url = f"sqlite:///{folder / 'a b.db'}"
+    optuna.create_study(storage=open_storage(url), study_name="spaced").add_trial(
+        optuna.trial.create_trial(value=2.5))
+    assert study_status(open_storage_read_only(url), "spaced")["best_value"] == 2.5
