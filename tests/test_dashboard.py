@@ -132,8 +132,10 @@ def test_read_only_database_refuses_a_write_the_guard_lets_through(pg_url: str,
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         study_id = storage.get_study_id_from_name(study_name)
-        code, _ = _call(f"http://127.0.0.1:{server.server_port}/api/studies/{study_id}",
-                        "DELETE", token=None)
+        base = f"http://127.0.0.1:{server.server_port}"
+        code, body = _call(f"{base}/api/studies/{study_id}?after=0", token=None)
+        assert code == 200 and len(json.loads(body)["trials"]) == 2  # reading works
+        code, _ = _call(f"{base}/api/studies/{study_id}", "DELETE", token=None)
         assert code >= 400
     finally:
         server.shutdown()
