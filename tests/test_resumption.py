@@ -11,13 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import cli_env, sleepy_spec
+from conftest import assert_exact_budget, cli_env, sleepy_spec, wait_for
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 from typer.testing import CliRunner
@@ -49,21 +48,6 @@ def _states(url: str, name: str) -> Counter[TrialState]:
     return Counter(t.state for t in study.get_trials(deepcopy=False))
 
 
-def _wait_for(condition, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def _assert_exact(url: str, name: str, total: int) -> optuna.Study:
-    study = optuna.load_study(study_name=name, storage=open_storage(url))
-    states = Counter(t.state for t in study.trials)
-    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == total
-    assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0
-    return study
-
-
 @pytest.mark.postgres
 def test_resume_after_kill_9_of_a_whole_launch_ends_at_exactly_the_total(
         pg_url: str, study_name: str, write_spec, tmp_path: Path) -> None:
@@ -73,8 +57,8 @@ def test_resume_after_kill_9_of_a_whole_launch_ends_at_exactly_the_total(
          "--workers", "2", "--no-progress"], stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, cwd=tmp_path, env=cli_env(), start_new_session=True)
     try:
-        _wait_for(lambda: _states(pg_url, study_name)[TrialState.COMPLETE] >= 1
-                  and _states(pg_url, study_name)[TrialState.RUNNING] >= 1, "a running trial")
+        wait_for(lambda: _states(pg_url, study_name)[TrialState.COMPLETE] >= 1
+                 and _states(pg_url, study_name)[TrialState.RUNNING] >= 1, 120, "a running trial")
     finally:
         os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both workers, at once
         launch.wait()
@@ -87,7 +71,7 @@ def test_resume_after_kill_9_of_a_whole_launch_ends_at_exactly_the_total(
     assert resumed.returncode == 0, err[-3000:]
     summary = json.loads(out)
     assert summary["status"] == "done" and summary["finished"] == 6
-    study = _assert_exact(pg_url, study_name, 6)
+    study = assert_exact_budget(pg_url, study_name, 6)
     after = {t.number: t for t in study.trials}
     for number, old in before.items():  # every earlier trial kept; the orphans failed
         expected = TrialState.FAIL if old.state == TrialState.RUNNING else old.state
@@ -106,7 +90,7 @@ def test_two_resumes_at_once_end_at_exactly_the_total(pg_url: str, study_name: s
     outputs = [r.communicate(timeout=240) for r in runs]
     assert [r.returncode for r in runs] == [0, 0], [e[-2000:] for _, e in outputs]
     assert {json.loads(o)["finished"] for o, _ in outputs} == {6}
-    _assert_exact(pg_url, study_name, 6)
+    assert_exact_budget(pg_url, study_name, 6)
 
 
 def test_seeded_resume_repeats_no_parameters_and_a_finished_study_is_a_no_op(
@@ -119,13 +103,13 @@ def test_seeded_resume_repeats_no_parameters_and_a_finished_study_is_a_no_op(
     again = _search("resume", study_name, "--storage", sqlite_url, "--json", cwd=tmp_path)
     assert again.returncode == 0
     assert json.loads(again.stdout)["status"] == "already-done"
-    assert len(_assert_exact(sqlite_url, study_name, 3).trials) == 3  # nothing was run
+    assert len(assert_exact_budget(sqlite_url, study_name, 3).trials) == 3  # nothing was run
 
     extended = _search("resume", study_name, "--storage", sqlite_url, "--n-trials", "6",
                        "--workers", "1", cwd=tmp_path)
     assert extended.returncode == 0, extended.stderr[-2000:]
     assert "done, 6/6 finished" in extended.stdout
-    study = _assert_exact(sqlite_url, study_name, 6)
+    study = assert_exact_budget(sqlite_url, study_name, 6)
     xs = [t.params["x"] for t in study.trials]
     assert len(set(xs)) == len(xs) == 6
 
@@ -182,7 +166,7 @@ def test_interrupted_resume_exits_3_and_hands_trials_back(sqlite_url: str, study
     spec = write_spec(sleepy_spec(study_name, n_trials=4, epochs=20))
     assert _search("create", str(spec), "--storage", sqlite_url, cwd=tmp_path).returncode == 0
     resumed = _resume(study_name, sqlite_url, "--workers", "1", cwd=tmp_path)
-    _wait_for(lambda: _states(sqlite_url, study_name)[TrialState.RUNNING] == 1, "a trial")
+    wait_for(lambda: _states(sqlite_url, study_name)[TrialState.RUNNING] == 1, 120, "a trial")
     resumed.send_signal(signal.SIGINT)
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 3, err[-2000:]
