@@ -356,3 +356,19 @@ def set_user_attrs(
                 opened, rdb_models.TrialUserAttributeModel, trial_id(trial), key, value
             )
     trial._cached_frozen_trial.user_attrs.update(attrs)
+
+
+def database_now(storage: optuna.storages.BaseStorage) -> datetime.datetime:
+    """The database's clock, the one heartbeat rows are written with."""
+    import sqlalchemy
+
+    with session(storage) as opened:
+        return opened.execute(sqlalchemy.func.current_timestamp()).scalar_one()
+
+
+def show_long_attributes(limit: int = 1 << 20) -> None:
+    """Let optuna-dashboard show attribute values up to `limit` characters (it cuts them at
+    1,024: a trial's `epoch_metrics` is longer)."""
+    from optuna_dashboard import _serializer
+
+    _serializer.MAX_ATTR_LENGTH = max(_serializer.MAX_ATTR_LENGTH, limit)

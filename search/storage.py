@@ -223,3 +223,62 @@ for _name in RETRIED_METHODS:
     setattr(
         ResilientRDBStorage, _name, retry_transient(getattr(optuna.storages.RDBStorage, _name))
     )
+
+
+def open_storage_read_only(url: str) -> optuna.storages.RDBStorage:
+    """Open the storage at `url` for reading only: no file, no table, no migration is made.
+
+    SQLite is opened with `mode=ro` (a missing file is an error, not a new database);
+    PostgreSQL sessions run with `default_transaction_read_only=on`, so even a reviewer's
+    mistake cannot write. The schema is never created nor migrated.
+
+    Raises:
+        StorageError: the URL is invalid, the SQLite file is missing, the database cannot be
+            reached, or it holds no Optuna tables; one line, never the password.
+    """
+    import urllib.parse
+
+    try:
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
+        engine_url = make_url(normalize_url(url))
+    except Exception as e:
+        raise StorageError(
+            f"invalid storage URL {mask_url(url)!r}: expected sqlite:///FILE or "
+            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+        ) from e
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "sqlite":
+        database = parsed.database
+        if not database or database == ":memory:" or not Path(database).is_file():
+            raise StorageError(
+                f"no SQLite file {database or ':memory:'}: check the path in "
+                f"{mask_url(url)!r} (nothing was created)"
+            )
+        path = urllib.parse.quote(str(Path(database).resolve()))  # a URI: spaces, #, ? escaped
+        engine_url = engine_url.set(database=f"file:{path}?mode=ro", query={"uri": "true"})
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    elif backend == "postgresql":
+        engine_kwargs["connect_args"] = {
+            "connect_timeout": 10,
+            "options": "-c default_transaction_read_only=on",
+        }
+        engine_kwargs.update(pool_size=2, max_overflow=2)
+    else:
+        raise StorageError(f"unsupported storage {backend!r}: use sqlite:/// or postgresql://")
+    try:
+        return optuna.storages.RDBStorage(
+            engine_url.render_as_string(hide_password=False),
+            engine_kwargs=engine_kwargs,
+            skip_table_creation=True,
+        )
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+        reason = _reason(e)
+        if "version_info" in reason or "no such table" in reason:
+            reason = "it holds no Optuna tables (no study was ever created there)"
+        raise StorageError(
+            f"cannot open storage {mask_url(url)} ({describe_url(url)}): {reason}. "
+            "Is the database running and the URL right?"
+        ) from None
+    except RuntimeError as e:  # Optuna: the schema is older or newer than this Optuna's
+        raise StorageError(f"cannot read storage {mask_url(url)}: {e}") from None

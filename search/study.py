@@ -107,6 +107,7 @@ def create_or_update_study(
                 study.set_user_attr(record.STUDY_UUID, uuid.uuid4().hex)
             study.set_user_attr(record.BUDGET, config.n_trials(n_trials, spec.n_trials))
             study.set_user_attr(record.SPEC, new)
+            study.set_metric_names([spec.metric])  # the dashboard shows it, not "Objective 0"
             logger.info("Created study %r.", spec.name)
             return StudyUpdate(study, created=True)
         secret = any(stored.get(f) is not None for f in UNSTORED_FIELDS)

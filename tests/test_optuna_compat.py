@@ -115,3 +115,20 @@ def test_note_intermediate_reaches_optunas_pruners(study: optuna.Study) -> None:
     trial = study.ask()
     optuna_compat.note_intermediate(trial, 3, 0.25)
     assert trial._get_latest_trial().intermediate_values == {3: 0.25}
+
+
+def test_database_now_is_the_clock_heartbeats_use(study: optuna.Study) -> None:
+    trial = study.ask()
+    storage = optuna_compat.storage_of(study)
+    optuna_compat.rdb(storage).record_heartbeat(optuna_compat.trial_id(trial))
+    beat = optuna_compat.heartbeats(storage, [optuna_compat.trial_id(trial)])
+    now = optuna_compat.database_now(storage)
+    assert 0 <= (now - beat[optuna_compat.trial_id(trial)]).total_seconds() < 60
+
+
+def test_show_long_attributes_lifts_optuna_dashboards_cut() -> None:
+    from optuna_dashboard import _serializer
+
+    optuna_compat.show_long_attributes()
+    long = {"epoch_metrics": "x" * 5000}
+    assert _serializer.serialize_attrs(long) == [{"key": "epoch_metrics", "value": "x" * 5000}]
