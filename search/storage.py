@@ -273,7 +273,7 @@ def open_storage_read_only(url: str) -> optuna.storages.RDBStorage:
             skip_table_creation=True,
         )
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-        reason = _reason(e)
+        reason = reason_of(e)
         if "version_info" in reason or "no such table" in reason:
             reason = "it holds no Optuna tables (no study was ever created there)"
         raise StorageError(
