@@ -1,7 +1,7 @@
 """`search report`: a real study's report opened in headless Chromium, offline.
 
-Chromium (Debian's `chromium`, installed by `.ci/run`) is required: without it these tests
-fail, they never skip.
+Chromium (Debian's `chromium`, installed with apt-get when missing, see tests/system_tools.py) is
+required: without it these tests fail, they never skip.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import optuna
 import pytest
 from conftest import cli_env
 from study_factory import make_finished_study
+from system_tools import require
 
 from search import record
 from search.report import compute_summary, epochs_run
@@ -32,11 +33,7 @@ CHROMIUM_FLAGS = (
 
 
 def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        pytest.fail("chromium is not installed: apt-get install -y chromium (see .ci/run)",
-                    pytrace=False)
-    return found
+    return require("chromium", "chromium")
 
 
 def open_in_chromium(page: Path, profile: Path, screenshot: Path | None = None
