@@ -372,3 +372,29 @@ def show_long_attributes(limit: int = 1 << 20) -> None:
     from optuna_dashboard import _serializer
 
     _serializer.MAX_ATTR_LENGTH = max(_serializer.MAX_ATTR_LENGTH, limit)
+
+
+class RecentTrials:
+    """A study as a sampler sees it when only its `window` latest finished trials count:
+    `_get_trials`, the one call Optuna's TPE reads trials through, is cut to them (running
+    trials stay, for the constant liar); everything else is the study itself."""
+
+    def __init__(self, study: optuna.Study, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, but got {window=}")
+        self._study, self._window = study, window
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(
+        self, deepcopy: bool = True, states: Any = None, use_cache: bool = False
+    ) -> list[FrozenTrial]:
+        import copy
+
+        trials = self._study._get_trials(deepcopy=False, states=states, use_cache=use_cache)
+        finished = [t for t in trials if t.state.is_finished()]
+        if len(finished) > self._window:
+            cut = finished[-self._window].number
+            trials = [t for t in trials if not t.state.is_finished() or t.number >= cut]
+        return copy.deepcopy(trials) if deepcopy else trials
