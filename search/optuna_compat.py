@@ -214,6 +214,25 @@ def fail_and_replace(
     return True
 
 
+@retry_transient
+def append_study_system_attr(
+    storage: optuna.storages.BaseStorage, study: int, key: str, item: Any
+) -> None:
+    """Append `item` to the list in the study's system attribute `key`, in one transaction
+    that holds the study's row lock, so concurrent appends are never lost."""
+    import json
+
+    rdb_models = models()
+    attrs = rdb_models.StudySystemAttributeModel
+    with session(storage) as opened:
+        _lock_study_row(opened, study)
+        row = opened.query(attrs).filter(attrs.study_id == study, attrs.key == key).one_or_none()
+        if row is None:
+            opened.add(attrs(study_id=study, key=key, value_json=json.dumps([item])))
+        else:
+            row.value_json = json.dumps([*json.loads(row.value_json), item])
+
+
 def write_intermediate(
     opened: Session, storage: optuna.storages.BaseStorage, trial: int, step: int, value: float
 ) -> None:

@@ -153,3 +153,19 @@ def test_the_recent_tpe_sampler_samples_from_a_windowed_study() -> None:
                                                          constant_liar=True, multivariate=True))
     study.optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.5) ** 2, n_trials=15)
     assert study.best_value < 0.05
+
+
+def test_concurrent_appends_to_a_study_attribute_are_all_kept(pg_url: str,
+                                                               study_name: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    study = optuna.create_study(study_name=study_name, storage=open_storage(pg_url))
+    sid = optuna_compat.study_id(study)
+
+    def append(i: int) -> None:
+        optuna_compat.append_study_system_attr(open_storage(pg_url), sid, "oom:cpu", {"i": i})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(append, range(16)))
+    stored = open_storage(pg_url).get_study_system_attrs(sid)["oom:cpu"]
+    assert sorted(r["i"] for r in stored) == list(range(16))
