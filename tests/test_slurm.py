@@ -2,8 +2,9 @@
 
 The cluster is Debian's slurm-wlm and munge, configured and started on this machine by
 deploy/slurm/local-cluster.sh (4 CPUs, 2 fake GPUs as `gres`, so `--gres=gpu:1` schedules and
-Slurm sets CUDA_VISIBLE_DEVICES per task). The study lives in the real PostgreSQL. Without
-Slurm installed these tests fail; CI installs it (.ci/run).
+Slurm sets CUDA_VISIBLE_DEVICES per task). The study lives in the real PostgreSQL. A missing
+Slurm is installed with apt-get when the tests run as root on Debian (tests/system_tools.py);
+elsewhere these tests fail, naming the packages.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 import yaml
 from conftest import REPO, cli_env, sleepy_spec
 from optuna.trial import FrozenTrial, TrialState
+from system_tools import require
 
 from search import record
 from search.storage import open_storage
@@ -36,10 +38,8 @@ TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontr
 
 @pytest.fixture(scope="module")
 def slurm_conf() -> str:
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(f"Slurm is not installed ({', '.join(missing)} missing): "
-                    "apt-get install slurm-wlm munge, as .ci/run does", pytrace=False)
+    for tool in TOOLS:  # installed with apt-get when missing on CI, else a failure
+        require(tool, "slurm-wlm", "munge")
     started = subprocess.run([str(LOCAL_CLUSTER), "start"], capture_output=True, text=True,
                              timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
