@@ -1,37 +1,53 @@
-"""A trial's own learning curve and the divergence rules that read it, as pure functions.
+"""A trial's own learning curve and the rules that read it, as pure functions.
 
-Each rule takes a `Curve` (the trial's values flipped so lower is better, with `train_loss`
-and `grad_norm` where reported) and returns a `Verdict` or None. No rule queries the storage.
-See `search.pruning` for the rule table and NaN/inf behaviour.
+Each rule takes a `Curve` (the trial's values flipped so lower is better, with `train_loss`,
+`grad_norm` and `lr` where reported, and the trial's schedule) and returns a `Verdict` or
+None. No rule queries the storage. A rule that needs the study's scale (a metric that is not
+a positive loss) takes it as an argument (`Peers.spread`). See `search.pruning` for the rule
+table and the NaN/inf behaviour.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial
 
-from search.objective import HISTORY_ATTR
+from search.record import epoch_rows
 
-RULES = ("non-finite", "divergence", "explosion", "stall")
+RULES = ("non-finite", "divergence", "explosion", "stall", "overfitting")
+EXTRAS = ("train_loss", "grad_norm", "lr")
+#: epochs after a warm-up or a learning-rate rise whose rises are not held against the trial
+SETTLE_EPOCHS = 2
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """Why a trial is pruned: the rule, a sentence with its numbers, and its feasibility."""
+    """Why a trial stops: the rule, a sentence with its numbers, and its feasibility.
+
+    `end=False`: the trial is PRUNED (it never got good). `end=True`: "end, don't lose" — it
+    reached a good value and then degraded, so it is recorded COMPLETE with its best value and
+    best epoch (`Curve.best_epoch`), with the rule and reason stored.
+    """
 
     rule: str
     reason: str
     infeasible: bool
+    end: bool = False
 
 
 @dataclass(frozen=True)
 class Curve:
-    """One trial's curve, flipped so that lower is better, with `train_loss` and `grad_norm`
-    (NaN where not reported). `positive`: a minimized metric never below 0 (a loss)."""
+    """One trial's curve, flipped so that lower is better.
+
+    `extras` holds `train_loss`, `grad_norm` and `lr` as reported (not flipped), NaN where
+    not reported. `positive`: a minimized metric never below 0 (a loss).
+    `warmup_epochs`: the trial's own warm-up (the built-in trainer's `warmup_epochs` param).
+    """
 
     name: str
     steps: list[int]
@@ -39,22 +55,47 @@ class Curve:
     extras: dict[str, list[float]]
     positive: bool
     sign: float = 1.0
+    warmup_epochs: int = 0
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        metric: str,
+        direction: StudyDirection,
+        params: Mapping[str, Any] | None = None,
+    ) -> Curve:
+        """Build a curve from per-epoch rows (`{"epoch": 1, metric: ..., "train_loss": ...}`,
+        oldest first; any subset of `EXTRAS` besides the metric), the study direction and the
+        trial's params (`warmup_epochs` of the built-in trainer)."""
+        steps = [int(r["epoch"]) for r in rows]
+        raw = [_number(r.get(metric)) for r in rows]
+        extras = {k: [_number(r.get(k)) for r in rows] for k in EXTRAS}
+        sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0
+        positive = sign > 0 and all(v >= 0 for v in raw if math.isfinite(v))
+        warmup = int(_number((params or {}).get("warmup_epochs", 0)) or 0)
+        return cls(metric, steps, [sign * v for v in raw], extras, positive, sign, warmup)
 
     @classmethod
     def of(cls, trial: FrozenTrial, direction: StudyDirection) -> Curve:
-        """Read the curve from the frozen trial alone (no storage query)."""
+        """Read the curve from the frozen trial alone (no storage query): its intermediate
+        values, its `epoch_metrics` rows and its params."""
+        rows = {int(r["epoch"]): r for r in epoch_rows(trial)}
         steps = sorted(trial.intermediate_values)
-        raw = [float(trial.intermediate_values[s]) for s in steps]
-        rows = {int(r.get("epoch", -1)): r for r in trial.user_attrs.get(HISTORY_ATTR) or []}
-        extras = {
-            k: [float(rows.get(s, {}).get(k, math.nan)) for s in steps]
-            for k in ("train_loss", "grad_norm")
-        }
         last = rows.get(steps[-1], {}) if steps else {}
-        name = next((k for k, v in last.items() if k != "epoch" and _same(v, raw[-1])), "value")
-        sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0
-        positive = sign > 0 and all(v >= 0 for v in raw if math.isfinite(v))
-        return cls(name, steps, [sign * v for v in raw], extras, positive, sign)
+        value = trial.intermediate_values[steps[-1]] if steps else math.nan
+        name = next((k for k, v in last.items() if k != "epoch" and _same(v, value)), "value")
+        merged = [
+            {**rows.get(s, {}), "epoch": s, name: trial.intermediate_values[s]} for s in steps
+        ]
+        return cls.from_rows(merged, metric=name, direction=direction, params=trial.params)
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch of the best finite value (the first, on a tie)."""
+        steps, values = self.finite()
+        return steps[values.index(min(values))] if values else None
 
     def shown(self, value: float) -> str:
         """A flipped value as the trial reported it."""
@@ -67,62 +108,104 @@ class Curve:
         pairs = [(s, v) for s, v in zip(self.steps, self.values, strict=True) if math.isfinite(v)]
         return [s for s, _ in pairs], [v for _, v in pairs]
 
+    def settled(self, index: int) -> bool:
+        """Whether entry `index` is past the warm-up (params) and `SETTLE_EPOCHS` past the
+        last rise of the reported `lr` (a warm-up step or a restart)."""
+        if self.steps[index] <= self.warmup_epochs + SETTLE_EPOCHS:
+            return False
+        lr = self.extras["lr"]
+        for back in range(max(0, index - SETTLE_EPOCHS), index + 1):
+            if back > 0 and lr[back] > lr[back - 1] * 1.001:
+                return False
+        return True
+
+    def noise(self) -> float:
+        """The curve's own epoch-to-epoch noise: half the median absolute second difference
+        of its finite values (a straight fall has none); 0 with fewer than 6 values."""
+        _, values = self.finite()
+        if len(values) < 6:
+            return 0.0
+        triples = zip(values, values[1:], values[2:], strict=False)
+        second = sorted(abs(a - 2 * b + c) for a, b, c in triples)
+        return second[len(second) // 2] / 2
+
 
 def non_finite(curve: Curve) -> Verdict | None:
     """NaN or +-inf in the metric, `train_loss` or `grad_norm` at any reported epoch."""
     for i, step in enumerate(curve.steps):
         checks = [(curve.name, curve.values[i])]
-        checks += [(k, v[i]) for k, v in curve.extras.items() if curve.reported(k)]
+        checks += [(k, curve.extras[k][i]) for k in ("train_loss", "grad_norm")]
         for key, value in checks:
-            if not math.isfinite(value):
+            counted = key == curve.name or curve.reported(key)
+            if math.isinf(value) or (math.isnan(value) and counted):
                 return Verdict("non-finite", f"{key} is {value} at epoch {step}", True)
     return None
 
 
 def divergence(
-    curve: Curve, *, margin: float, patience: int, unconfirmed_margin: float
+    curve: Curve,
+    *,
+    margin: float,
+    patience: int,
+    min_fall: float,
+    noise_factor: float,
+    scale: float | None,
 ) -> Verdict | None:
     """The metric gave back more than `margin` of its fall (from the highest value before its
-    best to that best) for `patience` epochs in a row, and `train_loss` did too (overfitting
-    raises only the metric). Without `train_loss`, the metric alone must give back
-    `unconfirmed_margin` for one epoch more. Non-finite entries are skipped."""
-    confirmed = curve.reported("train_loss")
-    if not confirmed:
-        margin, patience = unconfirmed_margin, patience + 1
+    best to that best) for `patience` settled epochs in a row, and `train_loss`, when
+    reported, did too (overfitting raises only the metric: see `overfitting`).
+
+    Guards: the fall must be at least `min_fall` x the curve's level (its highest value, for
+    a positive loss; else `scale`, the study's spread, when known) and `noise_factor` x its
+    own noise; epochs in warm-up or right after a learning-rate rise (`Curve.settled`) do not
+    count. Non-finite entries are skipped.
+    """
     given = _given_back(curve.values)
+    confirmed = curve.reported("train_loss")
     train = _given_back(curve.extras["train_loss"]) if confirmed else given
-    run = 0
-    for metric_back, train_back in zip(given, train, strict=True):
-        if not math.isnan(metric_back):
-            run = run + 1 if metric_back > margin and not train_back <= margin else 0
+    noise = curve.noise()
+    run, peak, best, top, last = 0, -math.inf, math.inf, -math.inf, 0.0
+    for i, value in enumerate(curve.values):
+        if not math.isfinite(value):
+            continue
+        peak = max(peak, value)
+        if value < best:
+            top, best = peak, value
+        level = abs(top) if curve.positive else scale
+        fall = top - best
+        large = fall > 0 and fall >= noise_factor * noise
+        large = large and (level is None or fall >= min_fall * level)
+        rising = given[i] > margin and not train[i] <= margin
+        run = run + 1 if large and rising and curve.settled(i) else 0
+        last = given[i]
     if run < patience:
         return None
     steps, values = curve.finite()
-    best = values.index(min(values))
-    top = max(values[: best + 1])
-    last = [g for g in given if not math.isnan(g)][-1]
     return Verdict(
         "divergence",
         f"{curve.name} {curve.shown(values[-1])} gave back {last:.0%} of its fall from "
-        f"{curve.shown(top)} to best {curve.shown(values[best])} (> {margin:.0%}"
+        f"{curve.shown(top)} to best {curve.shown(best)} (> {margin:.0%}"
         f"{', train_loss too' if confirmed else ''}) for {run} epochs at epoch {steps[-1]}",
         True,
     )
 
 
-def grad_explosion(curve: Curve, *, factor: float) -> Verdict | None:
-    """A finite `grad_norm` above `factor` x the median of its earlier epochs (2 or more)."""
+def grad_explosion(curve: Curve, *, factor: float, patience: int) -> Verdict | None:
+    """A finite `grad_norm` above `factor` x the median of the epochs before the spike began
+    (2 or more), for `patience` epochs in a row: one outlier batch does not count."""
     norms = curve.extras["grad_norm"]
-    earlier = sorted(n for n in norms[:-1] if math.isfinite(n) and n > 0)
-    if len(earlier) < 2 or not math.isfinite(norms[-1]):
+    if len(norms) < patience + 2 or not all(math.isfinite(n) for n in norms[-patience:]):
+        return None
+    earlier = sorted(n for n in norms[:-patience] if math.isfinite(n) and n > 0)
+    if len(earlier) < 2:
         return None
     median = earlier[len(earlier) // 2]
-    if not norms[-1] > factor * median:
+    if not all(n > factor * median for n in norms[-patience:]):
         return None
     return Verdict(
         "divergence",
         f"grad_norm {norms[-1]:.4g} > {factor:g} x the median {median:.4g} of earlier epochs "
-        f"at epoch {curve.steps[-1]}",
+        f"for {patience} epochs at epoch {curve.steps[-1]}",
         True,
     )
 
@@ -130,48 +213,87 @@ def grad_explosion(curve: Curve, *, factor: float) -> Verdict | None:
 def explosion(
     curve: Curve, *, factor: float, patience: int, untrained: float | None
 ) -> Verdict | None:
-    """A positive loss above `factor` x its reference (`untrained` if given, else its first
-    finite value; never if that is 0) for `patience` epochs in a row, with `train_loss` (if
-    reported) above `factor` x `untrained` or x its best so far too: a validation spike on
-    calm training is left alone."""
+    """The metric is worse than its reference (`untrained` if given, else its first finite
+    value; never if that is 0) by more than `factor - 1` x the reference's size, for
+    `patience` epochs in a row — for a loss: above `factor` x the reference — with
+    `train_loss` (if reported) above `factor` x `untrained` or x its best so far too: a
+    validation spike on calm training is left alone. Any sign: the size is `|reference|`."""
     steps, values = curve.finite()
-    if not curve.positive or not values:
+    if not values:
         return None
-    reference = values[0] if untrained is None else untrained
-    if reference <= 0:
+    reference = values[0] if untrained is None else curve.sign * untrained
+    if reference == 0:
         return None
+    bar = reference + (factor - 1) * abs(reference)
     run, train_best = 0, math.inf
     for value, train in zip(curve.values, curve.extras["train_loss"], strict=True):
         if math.isfinite(value):
             calm = train <= factor * (train_best if untrained is None else untrained)
-            run = run + 1 if value > factor * reference and not calm else 0
+            run = run + 1 if value > bar and not calm else 0
         train_best = min(train_best, train) if math.isfinite(train) else train_best
     if run < patience:
         return None
     return Verdict(
         "explosion",
-        f"{curve.name} {values[-1]:.4g} > {factor:g} x reference {reference:.4g} for {run} "
-        f"epochs at epoch {steps[-1]}",
+        f"{curve.name} {curve.shown(values[-1])} is past {curve.shown(bar)} ({factor:g} x "
+        f"reference {curve.shown(reference)}) for {run} epochs at epoch {steps[-1]}",
         True,
     )
 
 
-def stall(curve: Curve, *, epochs: int, tolerance: float, window: int) -> Verdict | None:
-    """After `epochs` epochs, a positive loss is within `tolerance` of where it started (its
-    first value, or the first `train_loss` if higher) and its last `window` values span less
-    than `tolerance` of it."""
+def stall(
+    curve: Curve, *, epochs: int, tolerance: float, window: int, scale: float | None
+) -> Verdict | None:
+    """After `epochs` epochs (and past its warm-up), the metric is within `tolerance` x its
+    size of where it started (its first value, or the first `train_loss` if higher, for a
+    loss) and its last `window` values span less than that too. The size is the start itself
+    for a positive loss, else `scale` (the study's spread) when known, else `|start|`."""
     steps, values = curve.finite()
-    if not curve.positive or len(values) < window or steps[-1] < epochs:
+    if len(values) < window or steps[-1] < max(epochs, curve.warmup_epochs + window):
         return None
-    first_train = curve.extras["train_loss"][0]
-    start = max(values[0], first_train if math.isfinite(first_train) else 0.0)
+    first_train = curve.extras["train_loss"][0] if curve.positive else math.nan
+    start = max(values[0], first_train if math.isfinite(first_train) else -math.inf)
+    size = start if curve.positive else (scale if scale is not None else abs(values[0]))
+    if not size > 0:
+        return None
     recent = values[-window:]
-    if start - min(values) >= tolerance * start or max(recent) - min(recent) >= tolerance * start:
+    if start - min(values) >= tolerance * size or max(recent) - min(recent) >= tolerance * size:
         return None
     return Verdict(
         "stall",
-        f"{curve.name} best {min(values):.4g} is within {tolerance:.0%} of its start "
-        f"{start:.4g} after {steps[-1]} epochs",
+        f"{curve.name} best {curve.shown(min(values))} is within {tolerance:.0%} of "
+        f"{size:.4g} of its start {curve.shown(start)} after {steps[-1]} epochs",
+        False,
+    )
+
+
+def overfitting(
+    curve: Curve, *, margin: float, patience: int, noise_factor: float
+) -> Verdict | None:
+    """No new best for `patience` epochs, every one of them worse than the best by more than
+    `margin` of its fall and by `noise_factor` x its noise, and the last the worst so far
+    after the best; with `train_loss` reported it must not be rising (that is divergence).
+    Feasible: the trial got somewhere, it is ended at its best (see `search.pruning`)."""
+    steps, values = curve.finite()
+    if len(values) < patience + 2:
+        return None
+    best_at = values.index(min(values))
+    if len(values) - 1 - best_at < patience or not curve.settled(len(curve.values) - 1):
+        return None
+    best = values[best_at]
+    fall = max(values[: best_at + 1]) - best
+    bar = best + max(margin * fall, noise_factor * curve.noise())
+    tail = values[-patience:]
+    if fall <= 0 or min(tail) <= bar or tail[-1] < max(values[best_at + 1 :]):
+        return None
+    train = [t for t in curve.extras["train_loss"] if math.isfinite(t)]
+    if train and train[-1] > min(train) + margin * (max(train) - min(train)):
+        return None
+    return Verdict(
+        "overfitting",
+        f"{curve.name} {curve.shown(values[-1])} has been worse than its best "
+        f"{curve.shown(best)} (epoch {steps[best_at]}) by more than {margin:.0%} of its fall "
+        f"for {patience} epochs at epoch {steps[-1]}",
         False,
     )
 
@@ -198,9 +320,13 @@ def _given_back(values: list[float]) -> list[float]:
     return out
 
 
-def _same(a: Any, b: float) -> bool:
+def _number(value: Any) -> float:
     try:
-        a = float(a)
+        return float(value)
     except (TypeError, ValueError):
-        return False
+        return math.nan
+
+
+def _same(a: Any, b: float) -> bool:
+    a = _number(a)
     return a == b or (math.isnan(a) and math.isnan(b))
