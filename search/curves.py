@@ -105,16 +105,21 @@ class Curve:
         return any(not math.isnan(v) for v in self.extras[key])
 
     def finite(self) -> tuple[list[int], list[float]]:
-        pairs = [(s, v) for s, v in zip(self.steps, self.values, strict=True) if math.isfinite(v)]
-        return [s for s, _ in pairs], [v for _, v in pairs]
+        return self.finite_from(0)
 
-    def settled(self, index: int) -> bool:
-        """Whether entry `index` is past the warm-up (params) and `SETTLE_EPOCHS` past the
+    def finite_from(self, index: int) -> tuple[list[int], list[float]]:
+        """The finite values (and their steps) from entry `index` on."""
+        pairs = zip(self.steps[index:], self.values[index:], strict=True)
+        kept = [(s, v) for s, v in pairs if math.isfinite(v)]
+        return [s for s, _ in kept], [v for _, v in kept]
+
+    def settled(self, index: int, settle: int = SETTLE_EPOCHS) -> bool:
+        """Whether entry `index` is `settle` epochs past the warm-up (params) and past the
         last rise of the reported `lr` (a warm-up step or a restart)."""
-        if self.steps[index] <= self.warmup_epochs + SETTLE_EPOCHS:
+        if self.steps[index] <= self.warmup_epochs + settle:
             return False
         lr = self.extras["lr"]
-        for back in range(max(0, index - SETTLE_EPOCHS), index + 1):
+        for back in range(max(0, index - settle), index + 1):
             if back > 0 and lr[back] > lr[back - 1] * 1.001:
                 return False
         return True
@@ -268,11 +273,18 @@ def stall(
 
 
 def overfitting(
-    curve: Curve, *, margin: float, patience: int, noise_factor: float
+    curve: Curve,
+    *,
+    margin: float,
+    patience: int,
+    noise_factor: float,
+    min_fall: float,
+    scale: float | None,
 ) -> Verdict | None:
     """No new best for `patience` epochs, every one of them worse than the best by more than
     `margin` of its fall and by `noise_factor` x its noise, and the last the worst so far
-    after the best; with `train_loss` reported it must not be rising (that is divergence).
+    after the best; the fall must be large, as for `divergence` (`min_fall`, `scale`); with
+    `train_loss` reported it must not be rising (that is divergence).
     Feasible: the trial got somewhere, it is ended at its best (see `search.pruning`)."""
     steps, values = curve.finite()
     if len(values) < patience + 2:
@@ -280,11 +292,14 @@ def overfitting(
     best_at = values.index(min(values))
     if len(values) - 1 - best_at < patience or not curve.settled(len(curve.values) - 1):
         return None
-    best = values[best_at]
-    fall = max(values[: best_at + 1]) - best
+    best, top = values[best_at], max(values[: best_at + 1])
+    fall = top - best
+    level = abs(top) if curve.positive else scale
+    if fall <= 0 or (level is not None and fall < min_fall * level):
+        return None
     bar = best + max(margin * fall, noise_factor * curve.noise())
     tail = values[-patience:]
-    if fall <= 0 or min(tail) <= bar or tail[-1] < max(values[best_at + 1 :]):
+    if min(tail) <= bar or tail[-1] < max(values[best_at + 1 :]):
         return None
     train = [t for t in curve.extras["train_loss"] if math.isfinite(t)]
     if train and train[-1] > min(train) + margin * (max(train) - min(train)):

@@ -299,6 +299,8 @@ class DivergencePruner(BasePruner):
                 margin=self.overfit_margin,
                 patience=self.overfit_patience,
                 noise_factor=self.noise_factor,
+                min_fall=self.min_fall,
+                scale=scale,
             )
         return stall(
             curve,

@@ -184,19 +184,22 @@ class TrendPruner(BasePruner):
     def judge(self, curve: Curve, peers: Peers | None) -> Verdict | None:
         """The comparative verdict on `curve` against `peers`, or None to keep the trial.
         Pure: no I/O. `peers` None: no comparison, so None."""
-        steps, values = curve.finite()
+        _, values = curve.finite()
         if peers is None or not values or curve.steps[-1] < self.n_warmup_steps:
             return None
+        if not curve.settled(len(curve.steps) - 1, settle=0):
+            return None  # in its warm-up, or at a learning-rate restart
+        trend = curve.finite()
         step = curve.steps[-1]
         now = peers.by_step.get(step, [])
         if peers.complete < max(1, self.n_startup_trials) or not now:
             return None
         best, median = min(values), _percentile(now, self.percentile)
         if best <= median:
-            return self._ends(curve, peers, best)
+            return self._ends(curve, peers, best, trend)
         target = min(step + self.horizon, max(peers.horizon, step))
         log = curve.positive and peers.floor > 0
-        projected = self._project(steps, values, best, target - step, log=log)
+        projected = self._project(*trend, best, target - step, log=log)
         reference = peers.population(target, self.target_percentile)
         if projected <= reference:
             return None
@@ -210,16 +213,18 @@ class TrendPruner(BasePruner):
             False,
         )
 
-    def _ends(self, curve: Curve, peers: Peers, best: float) -> Verdict | None:
+    def _ends(
+        self, curve: Curve, peers: Peers, best: float, trend: tuple[list[int], list[float]]
+    ) -> Verdict | None:
         """A trial ahead of its peers whose trend, projected to the last step of the
         complete trials, still misses the `end_percentile` of their bests: ended at its best
         (it is good, so nothing is lost; it will not be the winner)."""
-        steps, values = curve.finite()
-        step = steps[-1]
+        step = curve.steps[-1]
         if self.end_percentile is None or step < 2 * self.n_warmup_steps:
             return None
         target = max(peers.horizon, step)
-        projected = self._project(steps, values, best, target - step, log=curve.positive)
+        log = curve.positive and peers.floor > 0
+        projected = self._project(*trend, best, target - step, log=log)
         bar = peers.final(self.end_percentile)
         if projected <= bar:
             return None

@@ -181,7 +181,7 @@ OVERFIT_TRAIN = [1.0, 0.5, 0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.06, 0.05, 0.04]
 def test_overfitting_is_seen_after_patience_epochs_without_a_best_and_is_feasible() -> None:
     def at(n: int) -> Any:
         c = curve(OVERFIT[:n], train=OVERFIT_TRAIN[:n])
-        return overfitting(c, margin=0.05, patience=3, noise_factor=3.0)
+        return overfitting(c, margin=0.05, patience=3, noise_factor=3.0, min_fall=0.1, scale=None)
 
     assert next(n for n in range(1, 12) if at(n) is not None) == 10
     verdict = at(10)
@@ -192,7 +192,9 @@ def test_overfitting_is_seen_after_patience_epochs_without_a_best_and_is_feasibl
 
 def test_overfitting_leaves_a_run_whose_train_loss_rises_too_to_divergence() -> None:
     c = curve(OVERFIT, train=[*OVERFIT_TRAIN[:6], 0.2, 0.3, 0.4, 0.5, 0.6])
-    assert overfitting(c, margin=0.05, patience=3, noise_factor=3.0) is None
+    assert (
+        overfitting(c, margin=0.05, patience=3, noise_factor=3.0, min_fall=0.1, scale=None) is None
+    )
 
 
 @pytest.mark.parametrize(
