@@ -23,6 +23,8 @@ RULES = ("non-finite", "divergence", "explosion", "stall", "overfitting")
 EXTRAS = ("train_loss", "grad_norm", "lr")
 #: epochs after a warm-up or a learning-rate rise whose rises are not held against the trial
 SETTLE_EPOCHS = 2
+#: finite values needed to estimate a curve's noise
+NOISE_VALUES = 6
 
 
 @dataclass(frozen=True)
@@ -124,15 +126,12 @@ class Curve:
                 return False
         return True
 
-    def noise(self) -> float:
+    def noise(self, upto: int | None = None) -> float:
         """The curve's own epoch-to-epoch noise: half the median absolute second difference
-        of its finite values (a straight fall has none); 0 with fewer than 6 values."""
+        of its finite values (the first `upto + 1` of them; a straight fall has none); 0 with
+        fewer than `NOISE_VALUES` values."""
         _, values = self.finite()
-        if len(values) < 6:
-            return 0.0
-        triples = zip(values, values[1:], values[2:], strict=False)
-        second = sorted(abs(a - 2 * b + c) for a, b, c in triples)
-        return second[len(second) // 2] / 2
+        return _jitter(values if upto is None else values[: upto + 1])
 
 
 def non_finite(curve: Curve) -> Verdict | None:
@@ -161,25 +160,28 @@ def divergence(
     reported, did too (overfitting raises only the metric: see `overfitting`).
 
     Guards: the fall must be at least `min_fall` x the curve's level (its highest value, for
-    a positive loss; else `scale`, the study's spread, when known) and `noise_factor` x its
-    own noise; epochs in warm-up or right after a learning-rate rise (`Curve.settled`) do not
-    count. Non-finite entries are skipped.
+    a positive loss; else `scale`, the study's typical fall, when known; else the size of its
+    first value, once 6 values show its noise) and `noise_factor` x its own noise (measured
+    on the values before the last `patience`, the rebound being judged); epochs in warm-up
+    or right after a learning-rate rise (`Curve.settled`) do not count. Non-finite entries
+    are skipped.
     """
     given = _given_back(curve.values)
     confirmed = curve.reported("train_loss")
     train = _given_back(curve.extras["train_loss"]) if confirmed else given
-    noise = curve.noise()
     run, peak, best, top, last = 0, -math.inf, math.inf, -math.inf, 0.0
+    seen: list[float] = []
     for i, value in enumerate(curve.values):
         if not math.isfinite(value):
             continue
+        seen.append(value)
         peak = max(peak, value)
         if value < best:
             top, best = peak, value
-        level = abs(top) if curve.positive else scale
+        noise = _jitter(seen[:-patience])  # the epochs before the rebound being judged
         fall = top - best
         large = fall > 0 and fall >= noise_factor * noise
-        large = large and (level is None or fall >= min_fall * level)
+        large = large and fall >= min_fall * _level(curve, top, scale, len(seen))
         rising = given[i] > margin and not train[i] <= margin
         run = run + 1 if large and rising and curve.settled(i) else 0
         last = given[i]
@@ -282,20 +284,20 @@ def overfitting(
     scale: float | None,
 ) -> Verdict | None:
     """No new best for `patience` epochs, every one of them worse than the best by more than
-    `margin` of its fall and by `noise_factor` x its noise, and the last the worst so far
-    after the best; the fall must be large, as for `divergence` (`min_fall`, `scale`); with
+    `margin` of its fall and by `noise_factor` x the curve's noise (all its values), and the
+    last the worst so far after the best (never before `patience + 5` values); the fall
+    must be large, as for `divergence` (`min_fall`, `scale`); with
     `train_loss` reported it must not be rising (that is divergence).
     Feasible: the trial got somewhere, it is ended at its best (see `search.pruning`)."""
     steps, values = curve.finite()
-    if len(values) < patience + 2:
+    if len(values) < patience + NOISE_VALUES - 1:
         return None
     best_at = values.index(min(values))
     if len(values) - 1 - best_at < patience or not curve.settled(len(curve.values) - 1):
         return None
     best, top = values[best_at], max(values[: best_at + 1])
     fall = top - best
-    level = abs(top) if curve.positive else scale
-    if fall <= 0 or (level is not None and fall < min_fall * level):
+    if fall <= 0 or fall < min_fall * _level(curve, top, scale, len(values)):
         return None
     bar = best + max(margin * fall, noise_factor * curve.noise())
     tail = values[-patience:]
@@ -318,6 +320,26 @@ def check_ranges(**bounds: tuple[float, ...]) -> None:
         if not low <= value <= (high[0] if high else math.inf):
             limits = f"in [{low}, {high[0]}]" if high else f">= {low}"
             raise ValueError(f"{name} must be {limits}, but got {name}={value!r}")
+
+
+def _jitter(values: list[float]) -> float:
+    if len(values) < NOISE_VALUES:
+        return 0.0
+    triples = zip(values, values[1:], values[2:], strict=False)
+    second = sorted(abs(a - 2 * b + c) for a, b, c in triples)
+    return second[len(second) // 2] / 2
+
+
+def _level(curve: Curve, top: float, scale: float | None, seen: int) -> float:
+    """What a fall is measured against: a positive loss's own height `top`; else the study's
+    `scale`; else (no peers) the size of the first value, once the noise is known (`inf`
+    before: no fall is large yet)."""
+    if curve.positive:
+        return abs(top)
+    if scale is not None:
+        return scale
+    finite = [v for v in curve.values if math.isfinite(v)]
+    return abs(finite[0]) if seen >= NOISE_VALUES else math.inf
 
 
 def _given_back(values: list[float]) -> list[float]:

@@ -123,8 +123,8 @@ class DivergencePruner(BasePruner):
         unconfirmed_margin: the margin when the trial reports no `train_loss`.
         min_fall: the smallest fall, as a fraction of the curve's level, that a rebound can
             give back.
-        noise_factor: the smallest fall (divergence) or rise (overfitting), in multiples of
-            the curve's own noise.
+        noise_factor: the smallest fall a rebound can give back, and the smallest rise of an
+            overfitting run, in multiples of the curve's own noise.
         grad_explosion_factor: a `grad_norm` this many times the median of its earlier
             epochs is divergence; `None` turns the check off.
         grad_explosion_patience: epochs in a row the `grad_norm` spike lasts.

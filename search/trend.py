@@ -85,12 +85,13 @@ class Peers:
         return _percentile(self.finals, percentile) if self.finals else math.inf
 
     def spread(self) -> float | None:
-        """The study's scale: the 90th minus the 10th percentile of the first step's running
-        bests (None before 5 trials reached it, or when that is 0)."""
+        """The study's scale: how far a typical trial travels, the median of the first
+        step's values minus the median best of the complete trials (None before 5 trials
+        reached the first step and one completed, or when that is not > 0)."""
         first = self.by_step.get(min(self.by_step), []) if self.by_step else []
-        if len(first) < 5:
+        if len(first) < 5 or not self.finals:
             return None
-        size = _percentile(first, 90) - _percentile(first, 10)
+        size = _percentile(first, 50) - _percentile(self.finals, 50)
         return size if size > 0 else None
 
 
