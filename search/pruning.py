@@ -85,11 +85,12 @@ class DivergencePruner(BasePruner):
     the verdict (`record`) and returns True for both kinds; a wrapped Optuna pruner (not a
     `TrendPruner`) is asked only there, when `judge` keeps the trial.
 
-    The own-curve rules read only the curve and make no query for other trials (in `prune`
-    the peers are read only from the comparative's warm-up step on); they apply from the
-    first epoch. Guards, rule by rule (see `search.curves`):
+    The own-curve rules read only the curve; in `prune` a trial that is kept makes no query
+    for other trials before the comparative's warm-up step (a stop reads the peers once, to
+    tell pruned from ended). They apply from the first epoch. Guards, rule by rule (see
+    `search.curves`):
         divergence: the fall must be >= `min_fall` x the curve's level (a positive loss:
-            its highest value before the best; any other metric: the study's spread,
+            its highest value before the best; any other metric: the study's typical fall,
             `Peers.spread`) and >= `noise_factor` x the curve's own epoch-to-epoch noise;
             rises during the warm-up (`warmup_epochs` param) or within 2 epochs of a rise of
             the reported `lr` (warm-up, restart) do not count. The metric-only mode (no
@@ -222,11 +223,13 @@ class DivergencePruner(BasePruner):
         step = trial.last_step
         if step is None:
             return None
+        curve = Curve.of(trial, study.direction)
         if step >= self._peers_from:
-            peers: Peers | None = self.cache.get(study)
-        else:
-            peers = self.cache.cached(study)
-        verdict = self.judge(Curve.of(trial, study.direction), peers)
+            verdict = self.judge(curve, self.cache.get(study))
+        else:  # read the peers only to tell pruned from ended
+            verdict = self.judge(curve, self.cache.cached(study))
+            if verdict is not None:
+                verdict = self.judge(curve, self.cache.get(study))
         if verdict is not None or self.comparative is None:
             return verdict
         if isinstance(self.comparative, TrendPruner) or not self.comparative.prune(study, trial):
