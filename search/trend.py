@@ -140,16 +140,16 @@ class TrendPruner(BasePruner):
     def __init__(
         self,
         *,
-        percentile: float = 30.0,
-        target_percentile: float = 8.0,
+        percentile: float = 50.0,
+        target_percentile: float = 10.0,
         n_startup_trials: int = 5,
         n_warmup_steps: int = 5,
         window: int = 6,
-        horizon: int = 10,
+        horizon: int = 15,
         noise: float = 1.0,
         optimism: float = 1.0,
         refresh_every: int = 5,
-        end_percentile: float | None = 15.0,
+        end_percentile: float | None = None,
     ) -> None:
         check_ranges(
             percentile=(percentile, 0, 100), target_percentile=(target_percentile, 0, 100)
