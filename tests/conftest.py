@@ -27,10 +27,8 @@ def pg_url() -> str:
         with engine.connect() as connection:
             connection.execute(sqlalchemy.text("SELECT 1"))
     except sqlalchemy.exc.OperationalError as e:
-        pytest.fail(
-            f"PostgreSQL at {url} is not reachable ({e.orig}); start it or set {POSTGRES_ENV}",
-            pytrace=False,
-        )
+        pytest.fail(f"PostgreSQL at {url} is not reachable ({e.orig}); start it or set "
+                    f"{POSTGRES_ENV}", pytrace=False)
     finally:
         engine.dispose()
     return url

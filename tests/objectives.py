@@ -12,9 +12,8 @@ from typing import Any
 EPOCH_SECONDS = float(os.environ.get("SEARCH_TEST_EPOCH_SECONDS", "0.3"))
 
 
-def sleepy(
-    params: dict[str, Any], device: str, report: Any, checkpoint: Any = None, epochs: int = 5
-) -> None:
+def sleepy(params: dict[str, Any], device: str, report: Any, checkpoint: Any = None,
+           epochs: int = 5) -> None:
     """Sleeps per epoch like a GPU job; the loss falls towards (x - 0.3)^2. Checkpoints."""
     start = 0
     state = checkpoint.load() if checkpoint is not None else None
@@ -45,19 +44,13 @@ def env_probe(params: dict[str, Any], device: str, report: Any, epochs: int = 1)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     for epoch in range(epochs):
         time.sleep(EPOCH_SECONDS)
-        report(
-            epoch + 1,
-            {
-                "val_loss": float(params["x"]) ** 2,
-                "gpu": float(visible) if visible else -1.0,
-                "cuda0": float(device == "cuda:0"),
-            },
-        )
+        report(epoch + 1, {"val_loss": float(params["x"]) ** 2,
+                           "gpu": float(visible) if visible else -1.0,
+                           "cuda0": float(device == "cuda:0")})
 
 
-def oom_unless_accumulated(
-    params: dict[str, Any], device: str, report: Any, accumulation_steps: int = 1, epochs: int = 2
-) -> None:
+def oom_unless_accumulated(params: dict[str, Any], device: str, report: Any,
+                           accumulation_steps: int = 1, epochs: int = 2) -> None:
     """Like `oom_when_big`, but only micro-batches of 128+ run out of memory, so gradient
     accumulation (batch_size / accumulation_steps) makes the config fit."""
     import torch

@@ -37,9 +37,8 @@ def test_top_level_help_lists_the_commands() -> None:
 
 def test_bad_spec_exits_2_with_one_line(tmp_path, write_spec) -> None:
     path = write_spec({**base_spec("x"), "n_trials": -3})
-    result = runner.invoke(
-        app, ["launch", str(path), "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}"]
-    )
+    result = runner.invoke(app, ["launch", str(path), "--storage",
+                                 f"sqlite:///{tmp_path / 'db.sqlite'}"])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -47,12 +46,12 @@ def test_bad_spec_exits_2_with_one_line(tmp_path, write_spec) -> None:
 
 
 def test_unreachable_storage_exits_2_without_password() -> None:
-    result = runner.invoke(app, ["status", "--storage", "postgresql://u:hunter2@127.0.0.1:1/db"])
+    result = runner.invoke(app, ["status", "--storage",
+                                 "postgresql://u:hunter2@127.0.0.1:1/db"])
     assert result.exit_code == 2
     assert "hunter2" not in result.output + result.stderr
     assert result.stderr.splitlines()[-1].startswith(
-        "Error: cannot open storage postgresql://u:***@127.0.0.1:1/db (127.0.0.1:1/db): "
-    )
+        "Error: cannot open storage postgresql://u:***@127.0.0.1:1/db (127.0.0.1:1/db): ")
 
 
 def test_unknown_study_exits_2(sqlite_url: str) -> None:
@@ -79,12 +78,7 @@ def test_worker_rejects_a_bad_device() -> None:
 
 
 def test_real_subprocess_entry_point() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "search", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env(),
-    )
+    result = subprocess.run([sys.executable, "-m", "search", "--help"], capture_output=True,
+                            text=True, timeout=60, env=cli_env())
     assert result.returncode == 0
     assert "launch" in result.stdout

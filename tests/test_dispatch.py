@@ -22,11 +22,7 @@ from search.storage import open_storage
 def test_one_worker_per_gpu_each_seeing_only_its_gpu() -> None:
     plans = plan_workers(workers=None, gpus=["0", "2"], workers_per_gpu=2)
     assert [(p.device, p.env["CUDA_VISIBLE_DEVICES"]) for p in plans] == [
-        ("cuda:0", "0"),
-        ("cuda:0", "0"),
-        ("cuda:0", "2"),
-        ("cuda:0", "2"),
-    ]
+        ("cuda:0", "0"), ("cuda:0", "0"), ("cuda:0", "2"), ("cuda:0", "2")]
 
 
 def test_workers_cap_the_gpu_workers() -> None:
@@ -41,47 +37,28 @@ def test_cpu_workers_share_the_cores() -> None:
     assert {p.env["CUDA_VISIBLE_DEVICES"] for p in plans} == {""}
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"workers": 0, "gpus": []}, "workers must be >= 1"),
-        ({"workers": None, "gpus": ["0"], "workers_per_gpu": 0}, "workers_per_gpu must be >= 1"),
-    ],
-)
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"workers": 0, "gpus": []}, "workers must be >= 1"),
+    ({"workers": None, "gpus": ["0"], "workers_per_gpu": 0}, "workers_per_gpu must be >= 1"),
+])
 def test_bad_plans_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         plan_workers(**kwargs)
 
 
 @pytest.mark.parametrize(("declared", "expected"), [("1,3", ["1", "3"]), ("", []), ("-1", [])])
-def test_visible_gpus_respects_cuda_visible_devices(
-    monkeypatch: pytest.MonkeyPatch, declared: str, expected: list[str]
-) -> None:
+def test_visible_gpus_respects_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch,
+                                                     declared: str, expected: list[str]) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", declared)
     assert visible_gpus() == expected
 
 
 def _launcher(spec_path: Path, storage: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "search",
-            "launch",
-            str(spec_path),
-            "--storage",
-            storage,
-            "--no-progress",
-            "--log-dir",
-            str(spec_path.parent / "logs"),
-            *args,
-        ],
-        env=cli_env(SEARCH_TEST_EPOCH_SECONDS="0.4"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+        [sys.executable, "-m", "search", "launch", str(spec_path), "--storage", storage,
+         "--no-progress", "--log-dir", str(spec_path.parent / "logs"), *args],
+        env=cli_env(SEARCH_TEST_EPOCH_SECONDS="0.4"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -92,10 +69,8 @@ def _wait_running(storage: str, name: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if any(
-                t.state == TrialState.RUNNING and t.intermediate_values
-                for t in _trials(storage, name)
-            ):
+            if any(t.state == TrialState.RUNNING and t.intermediate_values
+                   for t in _trials(storage, name)):
                 return
         except KeyError:
             pass
@@ -105,14 +80,10 @@ def _wait_running(storage: str, name: str, timeout: float = 60) -> None:
 
 @pytest.mark.slow
 def test_gpu_dispatch_sets_cuda_visible_devices_per_worker(
-    sqlite_url: str, study_name: str, write_spec
-) -> None:
+        sqlite_url: str, study_name: str, write_spec) -> None:
     # No GPU here: the objective only reports the CUDA_VISIBLE_DEVICES its worker was given.
-    spec = write_spec(
-        sleepy_spec(
-            study_name, n_trials=8, epochs=1, objective={"function": "objectives:env_probe"}
-        )
-    )
+    spec = write_spec(sleepy_spec(study_name, n_trials=8, epochs=1,
+                                  objective={"function": "objectives:env_probe"}))
     launcher = _launcher(spec, sqlite_url, "--gpus", "3,5", "--workers-per-gpu", "2")
     _, err = launcher.communicate(timeout=180)
     assert launcher.returncode == 0, err[-3000:]
@@ -126,8 +97,7 @@ def test_gpu_dispatch_sets_cuda_visible_devices_per_worker(
 
 @pytest.mark.slow
 def test_ctrl_c_stops_workers_and_leaves_nothing_running(
-    sqlite_url: str, study_name: str, write_spec
-) -> None:
+        sqlite_url: str, study_name: str, write_spec) -> None:
     spec = write_spec(sleepy_spec(study_name, n_trials=20, epochs=6))
     launcher = _launcher(spec, sqlite_url, "--workers", "2")
     _wait_running(sqlite_url, study_name)
@@ -142,16 +112,12 @@ def test_ctrl_c_stops_workers_and_leaves_nothing_running(
 
 @pytest.mark.slow
 def test_a_crashed_worker_is_restarted_and_the_budget_is_still_exact(
-    sqlite_url: str, study_name: str, write_spec
-) -> None:
+        sqlite_url: str, study_name: str, write_spec) -> None:
     spec = write_spec(sleepy_spec(study_name, n_trials=6, epochs=3))
     launcher = _launcher(spec, sqlite_url, "--workers", "2")
     _wait_running(sqlite_url, study_name)
-    victim = next(
-        t.user_attrs["pid"]
-        for t in _trials(sqlite_url, study_name)
-        if t.state == TrialState.RUNNING
-    )
+    victim = next(t.user_attrs["pid"] for t in _trials(sqlite_url, study_name)
+                  if t.state == TrialState.RUNNING)
     os.kill(victim, signal.SIGKILL)
     _, err = launcher.communicate(timeout=180)
     assert launcher.returncode == 0, err[-3000:]

@@ -39,8 +39,7 @@ def test_a_beating_trial_is_not_reaped(sqlite_url: str, study_name: str) -> None
 
 
 def test_a_trial_that_never_beat_is_reaped_after_the_grace_period(
-    sqlite_url: str, study_name: str
-) -> None:
+        sqlite_url: str, study_name: str) -> None:
     study, storage = _study(sqlite_url, study_name)
     study.ask()  # its worker "died" between claiming the trial and its first heartbeat
     assert reap_stale_trials(study, storage, grace_period=2, max_retries=1) == 0
@@ -53,8 +52,7 @@ def test_a_trial_that_never_beat_is_reaped_after_the_grace_period(
 
 
 def test_a_crash_between_requeue_and_fail_queues_one_retry_only(
-    sqlite_url: str, study_name: str
-) -> None:
+        sqlite_url: str, study_name: str) -> None:
     study, storage = _study(sqlite_url, study_name)
     trial = study.ask({"x": optuna.distributions.FloatDistribution(-1, 1)})
     storage.record_heartbeat(trial._trial_id)
@@ -76,19 +74,15 @@ def test_retries_stop_after_max_retries(sqlite_url: str, study_name: str) -> Non
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL] * 3
 
 
-def test_worker_reaps_an_orphan_and_meets_the_budget(
-    pg_url: str, study_name: str, tmp_path: Path
-) -> None:
+def test_worker_reaps_an_orphan_and_meets_the_budget(pg_url: str, study_name: str,
+                                                     tmp_path: Path) -> None:
     study, _ = _study(pg_url, study_name, grace=3)
     study.set_user_attr("n_trials", 3)
     orphan = study.ask()
     log = (tmp_path / "w.log").open("wb")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "search", "worker", study_name],
-        env=cli_env(pg_url, SEARCH_TEST_EPOCH_SECONDS="0.2"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    worker = subprocess.Popen([sys.executable, "-m", "search", "worker", study_name],
+                              env=cli_env(pg_url, SEARCH_TEST_EPOCH_SECONDS="0.2"),
+                              stdout=log, stderr=subprocess.STDOUT)
     assert worker.wait(timeout=120) == 0, (tmp_path / "w.log").read_text()[-3000:]
     trials = optuna.load_study(study_name=study_name, storage=open_storage(pg_url)).trials
     assert trials[orphan.number].state == TrialState.FAIL

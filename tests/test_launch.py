@@ -18,27 +18,12 @@ from search.storage import open_storage
 pytestmark = pytest.mark.slow
 
 
-def _launch(
-    spec_path: Path, storage: str, *args: str, timeout: float = 240
-) -> subprocess.CompletedProcess[str]:
+def _launch(spec_path: Path, storage: str, *args: str, timeout: float = 240
+            ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "search",
-            "launch",
-            str(spec_path),
-            "--storage",
-            storage,
-            "--no-progress",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=spec_path.parent,
-        env=cli_env(),
-    )
+        [sys.executable, "-m", "search", "launch", str(spec_path), "--storage", storage,
+         "--no-progress", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=spec_path.parent, env=cli_env())
 
 
 def _check_exact_study(storage: str, name: str, n: int) -> optuna.Study:
@@ -53,13 +38,9 @@ def _check_exact_study(storage: str, name: str, n: int) -> optuna.Study:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_launch_runs_exactly_n_trials_with_two_workers(
-    backend: str, request: pytest.FixtureRequest, study_name: str, write_spec
-) -> None:
-    storage = (
-        request.getfixturevalue("pg_url")
-        if backend == "postgres"
-        else request.getfixturevalue("sqlite_url")
-    )
+        backend: str, request: pytest.FixtureRequest, study_name: str, write_spec) -> None:
+    storage = (request.getfixturevalue("pg_url") if backend == "postgres"
+               else request.getfixturevalue("sqlite_url"))
     spec_path = write_spec(base_spec(study_name, n_trials=20, epochs=3))
     result = _launch(spec_path, storage, "--n-trials", "7", "--workers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -86,28 +67,21 @@ def test_launch_continues_an_existing_study(sqlite_url: str, study_name: str, wr
     _check_exact_study(sqlite_url, study_name, 5)
 
 
-def test_conflicting_spec_on_existing_study_is_refused(
-    sqlite_url: str, study_name: str, write_spec
-) -> None:
+def test_conflicting_spec_on_existing_study_is_refused(sqlite_url: str, study_name: str,
+                                                       write_spec) -> None:
     spec_path = write_spec(base_spec(study_name, epochs=2))
     assert _launch(spec_path, sqlite_url, "--n-trials", "1", "--workers", "1").returncode == 0
     changed = base_spec(study_name, epochs=2, direction="maximize")
     result = _launch(write_spec(changed, "changed.yaml"), sqlite_url, "--workers", "1")
     assert result.returncode == 2
-    assert (
-        result.stderr.strip()
-        .splitlines()[-1]
-        .startswith(
-            f"Error: study '{study_name}' already exists with a different definition (direction"
-        )
-    )
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"Error: study '{study_name}' already exists with a different definition (direction")
     assert "Traceback" not in result.stderr
 
 
 def test_user_objective_study_from_the_repo(sqlite_url: str) -> None:
-    result = _launch(
-        REPO / "studies" / "quadratic_user.yaml", sqlite_url, "--n-trials", "6", "--workers", "2"
-    )
+    result = _launch(REPO / "studies" / "quadratic_user.yaml", sqlite_url, "--n-trials", "6",
+                     "--workers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     _check_exact_study(sqlite_url, "quadratic-user", 6)
 
@@ -115,14 +89,9 @@ def test_user_objective_study_from_the_repo(sqlite_url: str) -> None:
 def test_status_json_for_scripts(sqlite_url: str, study_name: str, write_spec) -> None:
     spec_path = write_spec(sleepy_spec(study_name, n_trials=3, epochs=1))
     assert _launch(spec_path, sqlite_url, "--workers", "1").returncode == 0
-    out = subprocess.run(
-        [sys.executable, "-m", "search", "status", study_name, "--storage", sqlite_url, "--json"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=60,
-        check=True,
-    ).stdout
+    out = subprocess.run([sys.executable, "-m", "search", "status", study_name, "--storage",
+                          sqlite_url, "--json"], capture_output=True, text=True, env=cli_env(),
+                         timeout=60, check=True).stdout
     data = json.loads(out)
     assert data["counts"]["COMPLETE"] + data["counts"]["PRUNED"] == 3
     assert data["n_trials"] == 3 and set(data["best_params"]) == {"x"}
@@ -140,8 +109,7 @@ def _wsgi_get(app, path: str) -> dict:
 
 
 def test_postgres_study_is_readable_by_optuna_dashboard_and_optuna_cli(
-    pg_url: str, study_name: str, write_spec
-) -> None:
+        pg_url: str, study_name: str, write_spec) -> None:
     import optuna_dashboard
 
     from search.storage import normalize_url
@@ -157,21 +125,7 @@ def test_postgres_study_is_readable_by_optuna_dashboard_and_optuna_cli(
     assert trial["intermediate_values"]
     assert "epoch_metrics" in {a["key"] for a in trial["user_attrs"]}
     assert "spec" in {a["key"] for a in data["user_attrs"]}
-    listed = subprocess.run(
-        [
-            "optuna",
-            "trials",
-            "--study-name",
-            study_name,
-            "--storage",
-            normalize_url(pg_url),
-            "-f",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        env=cli_env(),
-    )
+    listed = subprocess.run(["optuna", "trials", "--study-name", study_name, "--storage",
+                             normalize_url(pg_url), "-f", "json"], capture_output=True,
+                            text=True, timeout=60, check=True, env=cli_env())
     assert len(json.loads(listed.stdout)) == 3

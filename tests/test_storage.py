@@ -32,13 +32,8 @@ SECRET = "s3cr3t-Pa55"
         (None, None, None, DEFAULT_STORAGE),
     ],
 )
-def test_storage_url_precedence(
-    monkeypatch: pytest.MonkeyPatch,
-    cli: str | None,
-    env: str | None,
-    spec: str | None,
-    expected: str,
-) -> None:
+def test_storage_url_precedence(monkeypatch: pytest.MonkeyPatch, cli: str | None,
+                                env: str | None, spec: str | None, expected: str) -> None:
     if env is None:
         monkeypatch.delenv("SEARCH_STORAGE", raising=False)
     else:
