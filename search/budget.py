@@ -1,11 +1,15 @@
-"""The study's trial budget, counted in the database and claimed under a lock.
+"""The study's trial budget, counted in the database and claimed in one atomic step.
 
 Exactly `n_trials` trials must finish (COMPLETE + PRUNED) however many workers run. A worker
-may start a trial only while the trials that can still finish (finished, running and waiting)
-number fewer than the budget; that check and the `ask` that follows happen under one
-study-wide lock, so two workers can never claim the last slot together. The lock is a
-PostgreSQL advisory lock (released by the server if its holder dies) or, for the embedded
-SQLite file, an OS file lock beside the database file.
+claims a trial in one short transaction (`claim`): it takes the oldest WAITING trial (a
+retry), or creates a RUNNING one only while the trials that can still finish (finished,
+running and waiting) number fewer than the budget, and records the trial's first heartbeat.
+Sampling happens afterwards, outside any lock. A worker that dies after its claim leaves a
+trial whose heartbeat goes stale, which any worker reaps and retries.
+
+`study_lock` is a study-wide lock for rare administrative steps (creating a study, recording
+an out-of-memory config): a PostgreSQL advisory lock, or an OS file lock beside the SQLite
+file.
 """
 
 from __future__ import annotations
@@ -14,19 +18,23 @@ import contextlib
 import fcntl
 import hashlib
 import logging
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy
+import sqlalchemy.pool
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
+from search import optuna_compat, record
+from search.transient import retry_transient
+
 logger = logging.getLogger(__name__)
 
-BUDGET_ATTR = "n_trials"
+BUDGET_ATTR = record.BUDGET
 
 
 @dataclass(frozen=True)
@@ -59,25 +67,33 @@ class BudgetState:
 
 
 def budget_state(study: optuna.Study) -> BudgetState:
-    """Count the study's trials per state against the budget stored on the study."""
-    counts = Counter(t.state for t in study.get_trials(deepcopy=False))
+    """Count the study's trials per state (in the database) against its stored budget."""
+    storage = optuna_compat.storage_of(study)
+    counts = optuna_compat.count_states(storage, optuna_compat.study_id(study))
     return BudgetState(
         n_trials=int(study.user_attrs.get(BUDGET_ATTR, 0)),
-        complete=counts[TrialState.COMPLETE],
-        pruned=counts[TrialState.PRUNED],
-        failed=counts[TrialState.FAIL],
-        running=counts[TrialState.RUNNING],
-        waiting=counts[TrialState.WAITING],
+        complete=counts.get(TrialState.COMPLETE.name, 0),
+        pruned=counts.get(TrialState.PRUNED.name, 0),
+        failed=counts.get(TrialState.FAIL.name, 0),
+        running=counts.get(TrialState.RUNNING.name, 0),
+        waiting=counts.get(TrialState.WAITING.name, 0),
     )
+
+
+def claim(study: optuna.Study) -> optuna.Trial | None:
+    """Claim the study's next trial in one transaction; None when the budget has no slot."""
+    storage = optuna_compat.storage_of(study)
+    budget = int(study.user_attrs.get(BUDGET_ATTR, 0))
+    claimed = optuna_compat.claim_trial(storage, optuna_compat.study_id(study), budget)
+    return None if claimed is None else optuna_compat.adopt_trial(study, claimed)
+
+
 
 
 @contextlib.contextmanager
 def study_lock(study: optuna.Study) -> Iterator[None]:
     """Hold the study-wide lock that guards budget claims and reaping."""
-    storage = getattr(study._storage, "_backend", study._storage)  # unwrap Optuna's cache
-    engine = getattr(storage, "engine", None)
-    if engine is None:
-        raise TypeError(f"the budget lock needs an RDB storage, got {type(storage).__name__}")
+    engine = optuna_compat.engine_of(optuna_compat.storage_of(study))
     if engine.dialect.name == "postgresql":
         with _advisory_lock(engine, study.study_name):
             yield
@@ -89,15 +105,47 @@ def study_lock(study: optuna.Study) -> Iterator[None]:
 @contextlib.contextmanager
 def _advisory_lock(engine: sqlalchemy.Engine, name: str) -> Iterator[None]:
     key = int.from_bytes(hashlib.sha1(f"search:{name}".encode()).digest()[:8], "big", signed=True)
-    with engine.connect() as connection:
-        # A transaction-level lock: released when this connection's transaction ends, even if
-        # the connection dies or sits behind a transaction-pooling PgBouncer.
-        connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+    # A connection of its own, outside the process's one pooled connection, so storage calls
+    # can be made while the lock is held (a rare administrative step).
+    own = sqlalchemy.create_engine(
+        engine.url, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10}
+    )
+    try:
+        connection = _locked_connection(own, key)
         try:
             yield
         finally:
             with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
                 connection.rollback()
+                connection.close()
+    finally:
+        own.dispose()
+
+
+def _locked_connection(engine: sqlalchemy.Engine, key: int) -> sqlalchemy.Connection:
+    """A connection holding the transaction-level advisory lock `key` (released when its
+    transaction ends, even if the connection dies or sits behind a transaction-pooling
+    PgBouncer); a dropped connection while waiting is retried like every storage call."""
+
+    def lock(_: Any) -> sqlalchemy.Connection:
+        connection = engine.connect()
+        try:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    return retry_transient(lock)(_NoSession())
+
+
+class _NoSession:
+    """Stands in for a storage in `retry_transient`: there is no scoped session to reset."""
+
+    class scoped_session:
+        @staticmethod
+        def remove() -> None:
+            return None
 
 
 @contextlib.contextmanager

@@ -3,21 +3,21 @@
 A running trial's worker records a heartbeat every `heartbeat_interval` seconds from a thread
 of its own. Every worker also reaps: a RUNNING trial whose last heartbeat is older than
 `grace_period` (its worker was killed, its machine lost) is failed and queued again with the
-same parameters. Reaping happens under the study lock, so the retry takes the dead trial's
-budget slot before any worker can claim it.
+same parameters, in the one transaction that fails it, so the retry holds the dead trial's
+budget slot from the first moment.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
-from search.budget import study_lock
+from search import optuna_compat, record
+from search.epochs import stored_rows
+from search.record import Outcome
 from search.retry import fail_and_requeue
 
 logger = logging.getLogger(__name__)
@@ -53,62 +53,70 @@ class Heartbeat:
 
 def reap_stale_trials(
     study: optuna.Study,
-    storage: optuna.storages.RDBStorage,
+    storage: optuna.storages.BaseStorage,
     *,
-    grace_period: int,
+    grace_period: float,
     max_retries: int,
 ) -> int:
     """Fail the study's RUNNING trials with a stale heartbeat and queue their retries.
 
-    A trial that never recorded a heartbeat (its worker died right after claiming it) counts
-    as stale once it has been running for longer than `grace_period`.
+    A trial whose worker died right after claiming it has the heartbeat its claim recorded,
+    so it goes stale like any other. The dead trial's per-epoch rows are copied into its
+    `epoch_metrics`, and the retry is queued in the same transaction that fails it.
 
     Returns:
         How many trials this call failed (another worker may have reaped the rest).
     """
-    if not _stale_ids(study, storage, grace_period):
-        return 0
+    study_id = optuna_compat.study_id(study)
     reaped = 0
-    with study_lock(study):
-        for trial_id in _stale_ids(study, storage, grace_period):
+    for trial_id in optuna_compat.stale_running(storage, study_id, grace_period):
+        rows = stored_rows(storage, trial_id)
+        attrs = {record.EPOCH_METRICS: rows} if rows else {}
+        if fail_and_requeue(
+            storage,
+            study_id,
+            trial_id,
+            Outcome.HEARTBEAT_LOST,
+            max_retries=max_retries,
+            attrs=attrs,
+        ):
             frozen = storage.get_trial(trial_id)
-            if fail_and_requeue(
-                study, trial_id, reason="heartbeat-stale", max_retries=max_retries
-            ):
-                logger.warning(
-                    "Trial %d had no heartbeat for %d s (worker %s); failed it.",
-                    frozen.number,
-                    grace_period,
-                    frozen.user_attrs.get("worker", "?"),
-                )
-                reaped += 1
+            logger.warning(
+                "Trial %d had no heartbeat for %g s (worker %s); failed it.",
+                frozen.number,
+                grace_period,
+                frozen.user_attrs.get(record.WORKER, "?"),
+            )
+            reaped += 1
     return reaped
 
 
-def _stale_ids(
-    study: optuna.Study, storage: optuna.storages.RDBStorage, grace_period: int
-) -> list[int]:
-    stale = set(storage._get_stale_trial_ids(study._study_id))
-    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace_period)
-    old = [
-        t._trial_id
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if t.datetime_start is not None and t.datetime_start < cutoff
-    ]
-    if old:
-        stale.update(set(old) - _beating(storage, old))
-    return sorted(stale)
+class Reaper:
+    """A worker's thread that reaps the study's stale trials every `grace_period / 4` s."""
 
+    def __init__(
+        self,
+        study: optuna.Study,
+        storage: optuna.storages.BaseStorage,
+        workers: Any,
+        stop_event: threading.Event,
+    ) -> None:
+        self.study, self.storage, self.stop_event = study, storage, stop_event
+        self.grace_period, self.max_retries = workers.grace_period, workers.max_retries
+        self._thread = threading.Thread(target=self._forever, daemon=True, name="reaper")
 
-def _beating(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> set[int]:
-    """Which of `trial_ids` have ever recorded a heartbeat."""
-    from optuna.storages._rdb import models
+    def start(self) -> None:
+        self._thread.start()
 
-    session = storage.scoped_session()
-    try:
-        rows = session.query(models.TrialHeartbeatModel.trial_id).filter(
-            models.TrialHeartbeatModel.trial_id.in_(trial_ids)
+    def reap(self) -> int:
+        """Fail RUNNING trials with a stale heartbeat and queue their retries; returns count."""
+        return reap_stale_trials(
+            self.study, self.storage, grace_period=self.grace_period, max_retries=self.max_retries
         )
-        return {row.trial_id for row in rows}
-    finally:
-        session.close()
+
+    def _forever(self) -> None:
+        while not self.stop_event.wait(max(1.0, self.grace_period / 4)):
+            try:
+                self.reap()
+            except Exception:
+                logger.exception("Reaping stale trials failed; will try again.")

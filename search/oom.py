@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 
+from search import optuna_compat
 from search.budget import study_lock
 
 logger = logging.getLogger(__name__)
@@ -23,11 +24,23 @@ SHAPE_KEYS = ("batch_size", "depth", "width")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """True for `torch.cuda.OutOfMemoryError` (or a RuntimeError saying CUDA ran out)."""
+    """True for `torch.cuda.OutOfMemoryError` (or a RuntimeError saying CUDA ran out), and for
+    a host `MemoryError`: either way the process is recycled after the trial."""
+    if isinstance(error, MemoryError):
+        return True
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(error, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(error, RuntimeError) and "CUDA out of memory" in str(error)
+
+
+def oom_shape(params: dict[str, Any], accumulation: int) -> dict[str, Any]:
+    """The (batch_size, depth, width) that did not fit; with gradient accumulation the batch
+    that ran out was the micro-batch."""
+    shape: dict[str, Any] = {k: params[k] for k in SHAPE_KEYS if k in params}
+    if accumulation > 1 and "batch_size" in shape:
+        shape["batch_size"] = -(-shape["batch_size"] // accumulation)
+    return shape
 
 
 def release_device_memory(device: str) -> None:
@@ -72,15 +85,18 @@ class OomRegistry:
         self.accumulate = bool(spec.get("workers", {}).get("oom_grad_accumulation", False))
 
     def records(self) -> list[dict[str, Any]]:
+        storage = optuna_compat.storage_of(self.study)
         return list(
-            self.study._storage.get_study_system_attrs(self.study._study_id).get(self.key, [])
+            storage.get_study_system_attrs(optuna_compat.study_id(self.study)).get(self.key, [])
         )
 
     def record(self, shape: dict[str, Any], trial_number: int) -> None:
         with study_lock(self.study):
             records = self.records()
             records.append({**shape, "trial": trial_number})
-            self.study._storage.set_study_system_attr(self.study._study_id, self.key, records)
+            optuna_compat.storage_of(self.study).set_study_system_attr(
+                optuna_compat.study_id(self.study), self.key, records
+            )
 
     def blocking_record(self, params: dict[str, Any]) -> dict[str, Any] | None:
         """The recorded OOM config that `params` is at least as large as (None: go ahead)."""

@@ -52,7 +52,7 @@ from search.curves import (
     stall,
 )
 from search.optuna_compat import storage_of, trial_id
-from search.record import CONSTRAINT_KEY, INFEASIBLE, PRUNE_REASON, PRUNE_RULE
+from search.record import CONSTRAINT_KEY, record_prune
 from search.trend import PeerCache, Peers, TrendPruner
 
 __all__ = [
@@ -317,8 +317,9 @@ class DivergencePruner(BasePruner):
 def record(
     study: optuna.Study, trial: FrozenTrial, verdict: Verdict, *, mark_infeasible: bool = True
 ) -> dict[str, Any]:
-    """Store the verdict in the trial's user attributes (`PRUNE_RULE`, `PRUNE_REASON`,
-    `INFEASIBLE`), and the `diverged` constraint on an infeasible one.
+    """Store the verdict in the trial's user attributes (`search.record.record_prune`:
+    `prune_rule`, `prune_reason`, `infeasible`), and the `diverged` constraint on an
+    infeasible one.
 
     The given frozen trial's `user_attrs` is updated too: `Trial.should_prune` hands the pruner
     a shallow copy of the `optuna.Trial`'s cache, so the caller sees the reason at once.
@@ -326,16 +327,16 @@ def record(
     Returns:
         The user attributes written.
     """
-    storage, number = storage_of(study), trial_id(trial)
-    attrs = {
-        PRUNE_RULE: verdict.rule,
-        PRUNE_REASON: verdict.reason,
-        INFEASIBLE: verdict.infeasible,
-    }
-    for key, value in attrs.items():
-        storage.set_trial_user_attr(number, key, value)
-    if verdict.infeasible and mark_infeasible and CONSTRAINT_KEY not in trial.system_attrs:
-        storage.set_trial_system_attr(number, CONSTRAINT_KEY, 1.0)
+    attrs = record_prune(
+        storage_of(study),
+        trial_id(trial),
+        verdict.rule,
+        verdict.reason,
+        infeasible=verdict.infeasible,
+        constrain=(
+            verdict.infeasible and mark_infeasible and CONSTRAINT_KEY not in trial.system_attrs
+        ),
+    )
     trial.user_attrs.update(attrs)
     how = "ended at its best" if verdict.end else "pruned"
     logger.info("Trial %d %s (%s): %s.", trial.number, how, verdict.rule, verdict.reason)

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 # --- study user attributes ------------------------------------------------------------------
@@ -134,3 +135,34 @@ def is_finite_number(value: Any) -> bool:
         return math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
+
+
+def prune_attrs(rule: str, reason: str, *, infeasible: bool) -> dict[str, Any]:
+    """The user attributes that say why a trial was stopped."""
+    return {PRUNE_RULE: rule, PRUNE_REASON: reason, INFEASIBLE: infeasible}
+
+
+def record_prune(
+    storage: optuna.storages.BaseStorage,
+    trial_id: int,
+    rule: str,
+    reason: str,
+    *,
+    infeasible: bool,
+    constrain: bool,
+) -> dict[str, Any]:
+    """Store why a trial was stopped (the one format the worker and the pruners share).
+
+    Args:
+        constrain: also set the Optuna constraint `diverged` = 1.0 (violated); the caller
+            decides, since it knows whether the constraint is set already.
+
+    Returns:
+        The user attributes written: `prune_rule`, `prune_reason`, `infeasible`.
+    """
+    attrs = prune_attrs(rule, reason, infeasible=infeasible)
+    for key, value in attrs.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+    if constrain:
+        storage.set_trial_system_attr(trial_id, CONSTRAINT_KEY, 1.0)
+    return attrs

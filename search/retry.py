@@ -1,10 +1,12 @@
 """Retries: a trial lost to a crash or preemption is queued again with the same parameters.
 
-The queued trial (state WAITING) is taken by the next worker's `ask`. It carries Optuna's
-`failed_trial` / `retry_history` system attributes (as `RetryHeartbeatStaleTrialCallback`
-writes them), so the retry chain is visible on every trial, and its root number keys the
-checkpoint it resumes from. Only crashes count against `max_retries`; preemption does not,
-since it says nothing about the configuration.
+Which outcomes are retried, and which count against `workers.max_retries`, is the table in
+`search.record.OUTCOMES`. A retry is a WAITING trial, queued in the same database transaction
+that fails the lost one (`fail_and_requeue`), so no crash can lose the trial or queue it
+twice, and its budget slot is never free for a new trial in between. The retry carries
+Optuna's `failed_trial` / `retry_history` system attributes (as Optuna's
+`RetryHeartbeatStaleTrialCallback` writes them); its root number keys the checkpoint it
+resumes from.
 """
 
 from __future__ import annotations
@@ -15,106 +17,90 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search import optuna_compat, record
+from search.record import Outcome, consequence
+from search.transient import retry_transient
+
 logger = logging.getLogger(__name__)
 
-CARRIED_USER_ATTRS = ("base_lr", "effective_lr")
+CARRIED_USER_ATTRS = (record.BASE_LR, record.EFFECTIVE_LR)
 
 
-def system_attrs(trial: optuna.Trial | FrozenTrial) -> dict[str, Any]:
-    """A trial's system attributes, whether live (`Trial`) or frozen."""
-    if isinstance(trial, FrozenTrial):
-        return trial.system_attrs
-    return trial.study._storage.get_trial_system_attrs(trial._trial_id)
-
-
-def retry_root(trial: optuna.Trial | FrozenTrial) -> int:
+def retry_root(trial: optuna.trial.BaseTrial | FrozenTrial) -> int:
     """The number of the first trial in this trial's retry chain (itself if not a retry)."""
-    root = system_attrs(trial).get("failed_trial")
-    return int(root) if root is not None else trial.number
+    root = optuna_compat.trial_system_attrs(trial).get(record.FAILED_TRIAL)
+    return int(root) if root is not None else int(trial.number)
 
 
-def enqueue_retry(
-    study: optuna.Study,
-    failed: FrozenTrial,
-    *,
-    reason: str,
-    max_retries: int | None = None,
-    count_against_limit: bool = True,
-) -> bool:
-    """Queue a WAITING copy of `failed`; returns False when its retries are used up.
-
-    Call it under `search.budget.study_lock` so no worker claims the freed budget slot first.
-    """
-    crashes = int(failed.system_attrs.get("crash_retries", 0)) + int(count_against_limit)
-    if count_against_limit and max_retries is not None and crashes > max_retries:
+def retry_template(
+    failed: FrozenTrial, *, reason: str, counts_retry: bool, max_retries: int | None
+) -> FrozenTrial | None:
+    """The WAITING copy of `failed` to queue, or None when its chain used its retries."""
+    crashes = int(failed.system_attrs.get(record.CRASH_RETRIES, 0)) + int(counts_retry)
+    if counts_retry and max_retries is not None and crashes > max_retries:
         logger.warning(
             "Trial %d is not retried: it already used its %d retries.", failed.number, max_retries
         )
-        return False
-    history = [*failed.system_attrs.get("retry_history", []), failed.number]
+        return None
+    history = [*failed.system_attrs.get(record.RETRY_HISTORY, []), failed.number]
     user_attrs = {k: failed.user_attrs[k] for k in CARRIED_USER_ATTRS if k in failed.user_attrs}
-    user_attrs.update(retry_of=failed.number, retry_reason=reason)
-    study.add_trial(
-        optuna.trial.create_trial(
-            state=TrialState.WAITING,
-            params=failed.params,
-            distributions=failed.distributions,
-            user_attrs=user_attrs,
-            system_attrs={
-                "failed_trial": retry_root(failed),
-                "retry_history": history,
-                "crash_retries": crashes,
-            },
-        )
+    user_attrs.update({record.RETRY_OF: failed.number, record.RETRY_REASON: reason})
+    return optuna.trial.create_trial(
+        state=TrialState.WAITING,
+        params=failed.params,
+        distributions=failed.distributions,
+        user_attrs=user_attrs,
+        system_attrs={
+            record.FAILED_TRIAL: retry_root(failed),
+            record.RETRY_HISTORY: history,
+            record.CRASH_RETRIES: crashes,
+        },
     )
-    logger.info("Trial %d (%s) queued for retry with the same parameters.", failed.number, reason)
-    return True
 
 
+@retry_transient
 def fail_and_requeue(
-    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
     trial_id: int,
+    outcome: Outcome,
     *,
-    reason: str,
-    max_retries: int | None = None,
-    count_against_limit: bool = True,
-    fail_reason: str | None = None,
+    max_retries: int | None,
+    detail: str | None = None,
+    attrs: dict[str, Any] | None = None,
+    retried: bool | None = None,
 ) -> bool:
-    """Fail a RUNNING trial and queue its retry, safe against a crash between the two steps.
+    """Fail a RUNNING trial for `outcome` and queue its retry if the outcome table says so,
+    in one transaction (it takes the study's row lock itself).
 
-    The retry is queued first and only if none exists yet, then the trial is failed: a process
-    killed in between leaves a RUNNING trial with its retry queued, and whoever reaps it next
-    only fails it. Call it under `search.budget.study_lock`. The trial's `fail_reason` is
-    `fail_reason` if given, else `reason` (the retry's `retry_reason`).
+    Args:
+        detail: appended to the stored `fail_reason` (`"error: KeyError: 'lr'"`).
+        attrs: more user attributes to store on the failed trial (its `epoch_metrics`, ...).
+        retried: overrides the table's choice (an out-of-memory config retried with gradient
+            accumulation).
 
     Returns:
-        False if another process finished the trial first (nothing was done).
+        False if the trial was no longer RUNNING (someone else finished it): nothing done.
     """
-    storage = study._storage
+    rule = consequence(outcome)
     failed = storage.get_trial(trial_id)
-    if failed.state.is_finished():
+    if failed.state != TrialState.RUNNING:
         return False
-    if not _has_retry(study, failed.number):
-        enqueue_retry(
-            study,
-            failed,
-            reason=reason,
-            max_retries=max_retries,
-            count_against_limit=count_against_limit,
+    template = None
+    if rule.retried if retried is None else retried:
+        template = retry_template(
+            failed, reason=outcome.value, counts_retry=rule.counts_retry, max_retries=max_retries
         )
-    try:
-        storage.set_trial_user_attr(trial_id, "fail_reason", fail_reason or reason)
-        return bool(storage.set_trial_state_values(trial_id, TrialState.FAIL))
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False
-
-
-def _has_retry(study: optuna.Study, number: int) -> bool:
-    return any(
-        t.user_attrs.get("retry_of") == number
-        for t in study.get_trials(deepcopy=False)
-        if t.number > number
+    reason = outcome.value if detail is None else f"{outcome.value}: {detail}"
+    stored = {**(attrs or {}), record.FAIL_REASON: reason[:500], record.OUTCOME: outcome.value}
+    done = optuna_compat.fail_and_replace(
+        storage, study_id, trial_id, attrs=stored, retry=template
     )
+    if done and template is not None:
+        logger.info(
+            "Trial %d (%s) queued for retry with the same parameters.", failed.number, reason
+        )
+    return done
 
 
 def replay_chain(trial: optuna.Trial, *, metric: str, upto_epoch: int) -> list[dict[str, Any]]:
@@ -127,23 +113,32 @@ def replay_chain(trial: optuna.Trial, *, metric: str, upto_epoch: int) -> list[d
     Returns:
         The replayed per-epoch rows, oldest first.
     """
-    study, storage = trial.study, trial.study._storage
     rows: dict[int, dict[str, Any]] = {}
-    for number in system_attrs(trial).get("retry_history") or []:
-        attempt = storage.get_trial(
-            storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-        )
+    history = optuna_compat.trial_system_attrs(trial).get(record.RETRY_HISTORY) or []
+    for number in history:
+        attempt = optuna_compat.trial_of_number(trial.study, number)
         for step, value in attempt.intermediate_values.items():
             rows[step] = {"epoch": step, metric: value}
-        for row in attempt.user_attrs.get("epoch_metrics", []):
+        for row in record.epoch_rows(attempt):
             rows[int(row["epoch"])] = {**rows.get(int(row["epoch"]), {}), **row}
     replay = [rows[e] for e in sorted(rows) if e <= upto_epoch]
     for row in replay:
         trial.report(float(row[metric]), int(row["epoch"]))
-    if replay:
-        trial.set_user_attr("epoch_metrics", replay)
     missing = [e for e in range(1, upto_epoch + 1) if e not in rows]
     if missing:
-        trial.set_user_attr("missing_epochs", missing)
-    trial.set_user_attr("resumed_from_epoch", upto_epoch)
+        trial.set_user_attr(record.MISSING_EPOCHS, missing)
+    trial.set_user_attr(record.RESUMED_FROM_EPOCH, upto_epoch)
     return replay
+
+
+def resume_history(
+    trial: optuna.Trial, root: int, checkpoint: Any, *, metric: str
+) -> list[dict[str, Any]]:
+    """A retry with its chain's checkpoint gets the chain's curve up to the checkpoint's epoch
+    (see `replay_chain`); a first attempt, or one without a checkpoint, starts empty."""
+    if checkpoint is None or root == trial.number:
+        return []
+    state = checkpoint.load()
+    done = int(state["epoch"]) if state and "epoch" in state else 0
+    logger.info("Trial %d retries trial %d from epoch %d.", trial.number, root, done)
+    return replay_chain(trial, metric=metric, upto_epoch=done)

@@ -150,7 +150,14 @@ class WorkersSpec(_Model):
     max_retries: int = Field(1, ge=0)
     max_failures: int | None = Field(None, ge=1)  # None: max(5, n_trials)
     checkpoint_dir: str | None = None
+    #: What stays in the checkpoint folder when a trial ends: nothing, or a completed trial's
+    #: best-epoch weights (`trial-<root>.best.pt`).
+    keep_checkpoints: Literal["none", "best"] = "none"
     oom_grad_accumulation: bool = False
+    #: Replace the worker process by a fresh one (exit code 75) after this many trials.
+    recycle_after: int | None = Field(None, ge=1)
+    epoch_timeout: float | None = Field(None, gt=0)  # seconds between two reports
+    trial_timeout: float | None = Field(None, gt=0)  # seconds from claim to the end
 
     @model_validator(mode="after")
     def _grace_exceeds_interval(self) -> WorkersSpec:

@@ -6,29 +6,33 @@ default, PostgreSQL for many machines. A URL is only ever shown through `mask_ur
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import optuna
 import sqlalchemy.exc
+import sqlalchemy.pool
 from sqlalchemy.engine import make_url
 
+from search import config, optuna_compat
+from search.config import CONNECT_TIMEOUT_ENV as CONNECT_TIMEOUT_ENV  # re-exported
+from search.config import DEFAULT_STORAGE as DEFAULT_STORAGE
+from search.config import STORAGE_ENV as STORAGE_ENV
 from search.exceptions import StorageError
+from search.transient import reason_of, retry_transient
 
 logger = logging.getLogger(__name__)
 
-STORAGE_ENV = "SEARCH_STORAGE"
-DEFAULT_STORAGE = "sqlite:///search.db"
-CONNECT_TIMEOUT_ENV = "SEARCH_CONNECT_TIMEOUT"
-#: Connections one worker may hold: main loop + heartbeat thread + budget lock + one spare.
-POOL_SIZE = 3
-POOL_OVERFLOW = 1
+#: Connections one worker holds: one, shared in turn by its main loop, heartbeat and reaper
+#: threads (each storage call is one short transaction; none nests another).
+POOL_SIZE = 1
+POOL_OVERFLOW = 0
 
 _FATAL_MARKERS = (
     "password authentication failed",
@@ -36,15 +40,11 @@ _FATAL_MARKERS = (
     "no password supplied",
     "permission denied",
 )
-_T = TypeVar("_T")
 
 
 def resolve_storage_url(cli: str | None = None, spec: str | None = None) -> str:
     """The storage URL by precedence: CLI flag > `SEARCH_STORAGE` > study file > default."""
-    for candidate in (cli, os.environ.get(STORAGE_ENV), spec):
-        if candidate:
-            return candidate
-    return DEFAULT_STORAGE
+    return config.storage_url(cli, spec)
 
 
 def normalize_url(url: str) -> str:
@@ -101,43 +101,61 @@ def open_storage(
         ) from e
     if backend not in ("sqlite", "postgresql"):
         raise StorageError(f"unsupported storage {backend!r}: use sqlite:/// or postgresql://")
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # No pre-ping (a round trip per call): a dropped connection fails its call, which is
+    # retried on a new connection (`retry_transient`).
+    engine_kwargs: dict[str, Any] = {}
+    engine_kwargs.update(pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_timeout=60)
     if backend == "sqlite":
         _prepare_sqlite(url)
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
-        engine_kwargs.update(
-            pool_size=POOL_SIZE,
-            max_overflow=POOL_OVERFLOW,
-            pool_timeout=60,
-            connect_args={"connect_timeout": 10},
-        )
-    if connect_timeout is None:
-        connect_timeout = float(os.environ.get(CONNECT_TIMEOUT_ENV, "30"))
-    deadline = time.monotonic() + connect_timeout
+        # Named per process, so an operator (or a test) sees which worker holds a connection.
+        name = f"search {socket.gethostname()}:{os.getpid()}"[:63]
+        engine_kwargs["connect_args"] = {"connect_timeout": 10, "application_name": name}
+    deadline = time.monotonic() + config.connect_timeout(connect_timeout)
     delay = 0.5
     while True:
         try:
-            return ResilientRDBStorage(
+            # Optuna's schema set-up and check hold a session while opening a second
+            # connection; with one connection per process both are done apart, first.
+            _initialize_schema(engine_url, engine_kwargs["connect_args"])
+            storage = ResilientRDBStorage(
                 engine_url,
                 engine_kwargs=engine_kwargs,
+                skip_compatibility_check=True,
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=stale_trial_callback,
             )
+            problem = optuna_compat.schema_problem(storage)
+            if problem:
+                raise StorageError(f"storage {mask_url(url)}: {problem}")
+            return storage
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-            reason = _reason(e)
+            reason = reason_of(e)
             if _is_fatal(reason) or time.monotonic() + delay > deadline:
                 raise StorageError(
                     f"cannot open storage {mask_url(url)} ({describe_url(url)}): {reason}. "
                     f"Is the database running and the URL right? "
-                    f"Try `search status --storage '{mask_url(url)}'`"
+                    'Try `search status --storage "$SEARCH_STORAGE"` with SEARCH_STORAGE set to it'
                 ) from None
             logger.warning(
                 "Storage %s not ready (%s); retrying in %.1f s.", describe_url(url), reason, delay
             )
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def _initialize_schema(engine_url: str, connect_args: dict[str, Any]) -> None:
+    """Create Optuna's tables in a new database with a throwaway, unpooled engine."""
+    kwargs = {"poolclass": sqlalchemy.pool.NullPool, "connect_args": connect_args}
+    engine = sqlalchemy.create_engine(engine_url, **kwargs)
+    try:
+        if sqlalchemy.inspect(engine).has_table("alembic_version"):
+            return
+        optuna.storages.RDBStorage(engine_url, engine_kwargs=kwargs)
+    finally:
+        engine.dispose()
 
 
 def _prepare_sqlite(url: str) -> None:
@@ -156,52 +174,8 @@ def _prepare_sqlite(url: str) -> None:
         raise StorageError(f"cannot open SQLite file {path}: {e}") from e
 
 
-def _reason(error: BaseException) -> str:
-    cause: BaseException = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    original = getattr(cause, "orig", None) or cause
-    text = " ".join(str(original).split())
-    return text.split(" (Background on this error")[0][:300] or type(original).__name__
-
-
 def _is_fatal(reason: str) -> bool:
     return any(marker in reason for marker in _FATAL_MARKERS)
-
-
-def _is_transient(error: BaseException) -> bool:
-    chain: BaseException | None = error
-    while chain is not None:
-        if isinstance(chain, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
-            return True
-        if isinstance(chain, sqlalchemy.exc.DBAPIError) and chain.connection_invalidated:
-            return True
-        chain = chain.__cause__ or chain.__context__
-    return False
-
-
-def _retrying(method: Callable[..., _T], *, outage_seconds: float = 120.0) -> Callable[..., _T]:
-    @functools.wraps(method)
-    def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> _T:
-        deadline = time.monotonic() + outage_seconds
-        delay = 0.2
-        while True:
-            try:
-                return method(self, *args, **kwargs)
-            except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-                if not _is_transient(e) or time.monotonic() + delay > deadline:
-                    raise
-                logger.warning(
-                    "Database call %s failed (%s); reconnecting in %.1f s.",
-                    method.__name__,
-                    _reason(e),
-                    delay,
-                )
-                self.scoped_session.remove()
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    return wrapper
 
 
 class ResilientRDBStorage(optuna.storages.RDBStorage):
@@ -212,8 +186,11 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
     """
 
 
-for _name in (
+#: Every RDBStorage method a worker or launcher reaches, Optuna's cache's own calls included
+#: (`tests/test_storage.py` checks this against the installed Optuna's cache).
+RETRIED_METHODS = (
     "create_new_study",
+    "delete_study",
     "set_study_user_attr",
     "set_study_system_attr",
     "get_study_id_from_name",
@@ -225,7 +202,9 @@ for _name in (
     "get_trial_system_attrs",
     "get_all_studies",
     "create_new_trial",
+    "_create_new_trial",
     "set_trial_param",
+    "_set_trial_param",
     "get_trial_param",
     "set_trial_state_values",
     "set_trial_intermediate_value",
@@ -234,8 +213,72 @@ for _name in (
     "get_trial_id_from_study_id_trial_number",
     "get_trial",
     "get_all_trials",
+    "_get_trials",
     "get_best_trial",
+    "_get_best_trial_id",
     "record_heartbeat",
     "_get_stale_trial_ids",
-):
-    setattr(ResilientRDBStorage, _name, _retrying(getattr(optuna.storages.RDBStorage, _name)))
+)
+for _name in RETRIED_METHODS:
+    setattr(
+        ResilientRDBStorage, _name, retry_transient(getattr(optuna.storages.RDBStorage, _name))
+    )
+
+
+def open_storage_read_only(url: str) -> optuna.storages.RDBStorage:
+    """Open the storage at `url` for reading only: no file, no table, no migration is made.
+
+    SQLite is opened with `mode=ro` (a missing file is an error, not a new database);
+    PostgreSQL sessions run with `default_transaction_read_only=on`, so even a reviewer's
+    mistake cannot write. The schema is never created nor migrated.
+
+    Raises:
+        StorageError: the URL is invalid, the SQLite file is missing, the database cannot be
+            reached, or it holds no Optuna tables; one line, never the password.
+    """
+    import urllib.parse
+
+    try:
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
+        engine_url = make_url(normalize_url(url))
+    except Exception as e:
+        raise StorageError(
+            f"invalid storage URL {mask_url(url)!r}: expected sqlite:///FILE or "
+            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+        ) from e
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "sqlite":
+        database = parsed.database
+        if not database or database == ":memory:" or not Path(database).is_file():
+            raise StorageError(
+                f"no SQLite file {database or ':memory:'}: check the path in "
+                f"{mask_url(url)!r} (nothing was created)"
+            )
+        path = urllib.parse.quote(str(Path(database).resolve()))  # a URI: spaces, #, ? escaped
+        engine_url = engine_url.set(database=f"file:{path}?mode=ro", query={"uri": "true"})
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    elif backend == "postgresql":
+        engine_kwargs["connect_args"] = {
+            "connect_timeout": 10,
+            "options": "-c default_transaction_read_only=on",
+        }
+        engine_kwargs.update(pool_size=2, max_overflow=2)
+    else:
+        raise StorageError(f"unsupported storage {backend!r}: use sqlite:/// or postgresql://")
+    try:
+        return optuna.storages.RDBStorage(
+            engine_url.render_as_string(hide_password=False),
+            engine_kwargs=engine_kwargs,
+            skip_table_creation=True,
+        )
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+        reason = reason_of(e)
+        if "version_info" in reason or "no such table" in reason:
+            reason = "it holds no Optuna tables (no study was ever created there)"
+        raise StorageError(
+            f"cannot open storage {mask_url(url)} ({describe_url(url)}): {reason}. "
+            "Is the database running and the URL right?"
+        ) from None
+    except RuntimeError as e:  # Optuna: the schema is older or newer than this Optuna's
+        raise StorageError(f"cannot read storage {mask_url(url)}: {e}") from None

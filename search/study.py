@@ -7,42 +7,90 @@ person reviewing or resuming the study sees how it was defined.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import json
 import logging
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
 
-from search.budget import BUDGET_ATTR
-from search.exceptions import StudyConflictError, StudyNotFoundError
+from search import config, optuna_compat, record
+from search.budget import budget_state, study_lock
+from search.exceptions import SpecError, StudyConflictError, StudyNotFoundError
 from search.pruning import make_pruner
 from search.spec import StudySpec, spec_from_dict
 from search.storage import mask_url
 
 logger = logging.getLogger(__name__)
 
-SPEC_ATTR = "spec"
-#: Fields that define what the study's values mean; changing them on a live study mixes results.
-IDENTITY_FIELDS = (
-    "direction",
-    "metric",
-    "space",
-    "lr_scaling",
-    "max_batch_size",
-    "objective",
-    "epochs",
-)
+SPEC_ATTR = record.SPEC
+#: Spec fields a live study takes from a newer study file (workers started after it use them).
+MUTABLE_FIELDS = ("workers", "pruning", "early_stopping")
+#: Spec fields never stored on the study (the storage URL may hold a password).
+UNSTORED_FIELDS = ("storage",)
+#: Every other field (direction, metric, space, objective, epochs, seed, sampler, ...) defines
+#: what the study's values mean or which configurations it samples: changing it is refused.
+
+
+@dataclass(frozen=True)
+class SpecChange:
+    """One field of a live study changed by a newer study file or `--n-trials`."""
+
+    field: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.field}: {_show(self.old)} -> {_show(self.new)}"
+
+
+@dataclass(frozen=True)
+class StudyUpdate:
+    """What `create_or_update_study` did: created the study, or applied `changes` to it."""
+
+    study: optuna.Study
+    created: bool
+    changes: tuple[SpecChange, ...] = ()
+
+    def describe(self) -> str:
+        """One sentence for the operator: always says what was applied."""
+        name, budget = self.study.study_name, self.study.user_attrs.get(record.BUDGET)
+        if self.created:
+            return f"Created study {name} (budget {budget} trials)."
+        if not self.changes:
+            return f"Continuing study {name} (budget {budget} trials); no changes applied."
+        applied = "; ".join(str(c) for c in self.changes)
+        return f"Continuing study {name}; applied: {applied}."
 
 
 def create_or_load_study(
     spec: StudySpec, storage: optuna.storages.BaseStorage, *, n_trials: int | None = None
 ) -> optuna.Study:
-    """Create the study described by `spec`, or continue the existing one of the same name.
+    """`create_or_update_study(...).study`: create the study or continue the existing one."""
+    return create_or_update_study(spec, storage, n_trials=n_trials).study
+
+
+def create_or_update_study(
+    spec: StudySpec, storage: optuna.storages.BaseStorage, *, n_trials: int | None = None
+) -> StudyUpdate:
+    """Create the study described by `spec`, or apply the changes it may make to the live one.
+
+    A new study gets its spec (without the storage URL), its budget and a uuid
+    (`search.record.STUDY_UUID`, which keys its checkpoints). An existing one takes a new
+    budget when the caller asks (`n_trials`, or the spec's `n_trials` differs from the stored
+    spec's; never below the finished count) and new `workers`, `pruning` and `early_stopping`
+    sections; each applied change is appended to `search.record.SPEC_CHANGES` with its time.
+    The check and the writes happen under the study lock, so of two concurrent calls with
+    different definitions exactly one wins.
 
     Raises:
-        StudyConflictError: a study of that name exists and was defined with a different
-            direction, metric, search space or objective.
+        StudyConflictError: any other field differs from the stored spec (the message names
+            each field path with both values), or the budget would drop below the trials
+            already finished. Nothing is written then.
     """
     study = optuna.create_study(
         storage=storage,
@@ -50,31 +98,137 @@ def create_or_load_study(
         direction=spec.direction,
         load_if_exists=True,
     )
-    stored = study.user_attrs.get(SPEC_ATTR)
-    if stored is None:
-        study.set_user_attr(SPEC_ATTR, spec.resolved())
-        logger.info("Created study %r.", spec.name)
-    else:
-        check_compatible(stored, spec)
-        logger.info("Continuing study %r with %d trials.", spec.name, len(study.trials))
-    budget = n_trials if n_trials is not None else spec.n_trials
-    if study.user_attrs.get(BUDGET_ATTR) != budget:
-        study.set_user_attr(BUDGET_ATTR, budget)
-    return study
+    new = stored_spec(spec)
+    with study_lock(study):
+        attrs = study.user_attrs
+        stored = attrs.get(record.SPEC)
+        if stored is None:
+            if not attrs.get(record.STUDY_UUID):  # set once, before the spec that publishes it
+                study.set_user_attr(record.STUDY_UUID, uuid.uuid4().hex)
+            study.set_user_attr(record.BUDGET, config.n_trials(n_trials, spec.n_trials))
+            study.set_user_attr(record.SPEC, new)
+            study.set_metric_names([spec.metric])  # the dashboard shows it, not "Objective 0"
+            logger.info("Created study %r.", spec.name)
+            return StudyUpdate(study, created=True)
+        secret = any(stored.get(f) is not None for f in UNSTORED_FIELDS)
+        changes, merged = _plan_update(study, _with_defaults(stored), new, attrs, n_trials)
+        if changes or secret:
+            _apply(study, changes, merged, attrs)
+    logger.info("Continuing study %r with %d trials.", spec.name, len(study.trials))
+    return StudyUpdate(study, created=False, changes=tuple(changes))
 
 
-def check_compatible(stored: dict[str, Any], spec: StudySpec) -> None:
-    """Refuse a spec whose identity fields differ from the one stored on the study."""
-    new = spec.resolved()
-    changed = [field for field in IDENTITY_FIELDS if stored.get(field) != new.get(field)]
-    if changed:
-        details = ", ".join(
-            f"{f}: stored {stored.get(f)!r:.60} vs new {new.get(f)!r:.60}" for f in changed
+def stored_spec(spec: StudySpec) -> dict[str, Any]:
+    """The spec as it is stored on the study: every default filled in, no storage URL."""
+    resolved = spec.resolved()
+    for field_name in UNSTORED_FIELDS:
+        resolved.pop(field_name, None)
+    return resolved
+
+
+def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """The stored spec with fields added since it was stored filled with their defaults."""
+    try:
+        return stored_spec(spec_from_dict(stored, source="the stored spec"))
+    except SpecError:
+        return {k: v for k, v in stored.items() if k not in UNSTORED_FIELDS}
+
+
+def _plan_update(
+    study: optuna.Study,
+    stored: dict[str, Any],
+    new: dict[str, Any],
+    attrs: dict[str, Any],
+    n_trials: int | None,
+) -> tuple[list[SpecChange], dict[str, Any]]:
+    differences = _differences(stored, new)
+    refused = [
+        d for d in differences if d.field.split(".")[0] not in (*MUTABLE_FIELDS, "n_trials")
+    ]
+    if refused:
+        details = "; ".join(
+            f"{d.field}: stored {_show(d.old)}, new {_show(d.new)}" for d in refused
         )
         raise StudyConflictError(
-            f"study {spec.name!r} already exists with a different definition ({details}); "
-            "use a new study name, or launch it with the spec it was created with"
+            f"study {study.study_name!r} already exists with a different definition "
+            f"({details}); only n_trials, workers.*, pruning and early_stopping may change on a "
+            "live study: use a new study name, or launch it with the spec it was created with"
         )
+    changes = [d for d in differences if d.field.split(".")[0] in MUTABLE_FIELDS]
+    merged = {k: v for k, v in stored.items() if k not in UNSTORED_FIELDS}
+    merged.update({f: new[f] for f in MUTABLE_FIELDS if f in new})
+    current = attrs.get(record.BUDGET)
+    budget = n_trials
+    if budget is None and new.get("n_trials") != stored.get("n_trials"):
+        budget = new.get("n_trials")
+        merged["n_trials"] = budget
+    if budget is not None and budget != current:
+        finished = budget_state(study).finished
+        if budget < finished:
+            raise StudyConflictError(
+                f"n_trials: cannot set the budget of study {study.study_name!r} to {budget}: "
+                f"{finished} trials have already finished (stored budget {current})"
+            )
+        changes.insert(0, SpecChange("n_trials", current, budget))
+    return changes, merged
+
+
+def _apply(
+    study: optuna.Study, changes: list[SpecChange], merged: dict[str, Any], attrs: dict[str, Any]
+) -> None:
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    for change in changes:
+        if change.field == "n_trials":
+            study.set_user_attr(record.BUDGET, change.new)
+        logger.info("Study %r: %s (applied).", study.study_name, change)
+    history = list(attrs.get(record.SPEC_CHANGES) or [])
+    history += [{"time": now, "field": c.field, "old": c.old, "new": c.new} for c in changes]
+    if changes:
+        study.set_user_attr(record.SPEC_CHANGES, history)
+    study.set_user_attr(record.SPEC, merged)
+
+
+_ABSENT = object()
+
+
+def _differences(stored: Any, new: Any, path: str = "") -> list[SpecChange]:
+    if isinstance(stored, dict) and isinstance(new, dict):
+        found: list[SpecChange] = []
+        for key in [*stored, *(k for k in new if k not in stored)]:
+            if key in UNSTORED_FIELDS and not path:
+                continue
+            found += _differences(
+                stored.get(key, _ABSENT), new.get(key, _ABSENT), f"{path}.{key}" if path else key
+            )
+        return found
+    if stored == new and isinstance(stored, bool) == isinstance(new, bool):
+        return []
+    return [
+        SpecChange(path, None if stored is _ABSENT else stored, None if new is _ABSENT else new)
+    ]
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str):
+        return repr(value)
+    return json.dumps(value, sort_keys=False, default=str)
+
+
+def study_uuid(study: optuna.Study) -> str:
+    """The study's uuid (keys its checkpoints); a study created before uuids gets one now."""
+    found = study.user_attrs.get(record.STUDY_UUID)
+    if found:
+        return str(found)
+    with study_lock(study):
+        found = study.user_attrs.get(record.STUDY_UUID)
+        if not found:
+            found = uuid.uuid4().hex
+            study.set_user_attr(record.STUDY_UUID, found)
+    return str(found)
 
 
 def load_study(
@@ -113,7 +267,7 @@ def make_sampler(spec: StudySpec, *, seed: int | None) -> optuna.samplers.BaseSa
     """The sampler the spec asks for. TPE uses the constant liar so parallel workers spread."""
     if spec.sampler.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(
+    return RecentTPESampler(
         seed=seed,
         n_startup_trials=spec.sampler.n_startup_trials,
         multivariate=spec.sampler.multivariate,
@@ -121,12 +275,33 @@ def make_sampler(spec: StudySpec, *, seed: int | None) -> optuna.samplers.BaseSa
     )
 
 
-def worker_seed(base: int | None, worker_id: str) -> int | None:
-    """A per-worker seed derived from the spec seed, so seeded workers never repeat each other."""
-    if base is None:
-        return None
-    digest = hashlib.sha256(f"{base}:{worker_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
+#: The latest finished trials TPE fits its densities to: a sample costs the same at 5,000
+#: trials as at 1,000 (TPE already weighs older trials down; see benchmarks/coordination).
+TPE_WINDOW = 1000
+
+
+class RecentTPESampler(optuna.samplers.TPESampler):
+    """Optuna's TPE fitted to the `TPE_WINDOW` latest finished trials (and the running ones,
+    for the constant liar), so its cost per trial stays bounded as the study grows."""
+
+    def sample_relative(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        search_space: dict[str, optuna.distributions.BaseDistribution],
+    ) -> dict[str, Any]:
+        recent: Any = optuna_compat.RecentTrials(study, TPE_WINDOW)
+        return super().sample_relative(recent, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        param_name: str,
+        param_distribution: optuna.distributions.BaseDistribution,
+    ) -> Any:
+        recent: Any = optuna_compat.RecentTrials(study, TPE_WINDOW)
+        return super().sample_independent(recent, trial, param_name, param_distribution)
 
 
 def _not_found(name: str, storage: optuna.storages.BaseStorage) -> str:
@@ -134,3 +309,9 @@ def _not_found(name: str, storage: optuna.storages.BaseStorage) -> str:
     url = getattr(storage, "url", "")
     known = f"; studies there: {', '.join(names)}" if names else "; it holds no studies"
     return f"no study {name!r} in {mask_url(url)}{known}"
+
+
+def trial_seed(base: int, number: int) -> int:
+    """The sampler seed of one trial of a seeded study (spec seed, trial number): distinct
+    for every trial, whichever worker, restart or launcher samples it."""
+    return int.from_bytes(hashlib.sha256(f"{base}:{number}".encode()).digest()[:4], "big")

@@ -17,7 +17,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from search.curves import Curve, Verdict, check_ranges
-from search.optuna_compat import study_id
+from search.optuna_compat import storage_of
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -271,10 +271,10 @@ class PeerCache:
 
     def cached(self, study: optuna.Study) -> Peers | None:
         """The peers last read for `study`, without reading (None if never read)."""
-        return self.peers if self._study == (study_id(study), study.study_name) else None
+        return self.peers if self._study == (id(storage_of(study)), study.study_name) else None
 
     def get(self, study: optuna.Study) -> Peers:
-        key = (study_id(study), study.study_name)
+        key = (id(storage_of(study)), study.study_name)
         if self.peers is None or self._study != key:
             self.peers, self._study, self._calls_left = Peers(study.direction), key, 0
         if self._calls_left > 0:

@@ -2,17 +2,19 @@
 
 Any number of workers on any machines may run against one study; they share nothing but the
 database. Each worker also reaps: it fails trials whose heartbeat went stale (their worker was
-killed or lost) and queues a retry with the same parameters, which resumes from the dead
-trial's checkpoint.
+killed or lost) and queues a retry with the same parameters. How each trial ended decides
+what happens next, by the one table `search.record.OUTCOMES`.
+
+A worker's identity (`<host>-<pid>-<random>`) is unique per process and is not its sampler's
+seed: a seeded study seeds the sampler from the spec's seed and the trial's number, so no
+restart, relaunch or second launcher can replay another worker's parameters.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
-import signal
+import secrets
 import socket
 import threading
 import warnings
@@ -20,37 +22,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
-from search.budget import BUDGET_ATTR, budget_state, study_lock
-from search.checkpoint import checkpoint_for
-from search.exceptions import EarlyStopped, Preempted, SearchError, TrialLost
-from search.heartbeat import Heartbeat, reap_stale_trials
-from search.objective import (
-    CONSTRAINT,
-    Reporter,
-    build_training_function,
-    call_training,
+from search import config, objective, oom, optuna_compat, record
+from search.budget import budget_state, claim
+from search.checkpoint import Checkpoints
+from search.ending import annotate, check_failures, check_result, end_trial
+from search.epochs import ensure_table
+from search.exceptions import (
+    DiskFullError,
+    EarlyStopped,
+    ObjectiveError,
+    Preempted,
+    SearchError,
+    TrialLost,
 )
-from search.oom import (
-    OomRegistry,
-    is_out_of_memory,
-    peak_memory_mb,
-    release_device_memory,
-    reset_peak_memory,
-)
-from search.retry import (
-    fail_and_requeue,
-    replay_chain,
-    retry_root,
-    system_attrs,
-)
+from search.heartbeat import Heartbeat, Reaper
+from search.record import Outcome, consequence
+from search.reporter import PeerFeed, Reporter
+from search.retry import resume_history, retry_root
 from search.space import suggest, trainer_params
 from search.spec import StudySpec
 from search.storage import open_storage
-from search.study import load_study, worker_seed
+from search.study import load_study, study_uuid, trial_seed
+from search.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
+
+
+def worker_identity() -> str:
+    """`<host>-<pid>-<random>`: unique per process, even after a restart with the same pid."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 @dataclass
@@ -60,6 +61,7 @@ class WorkerResult:
     finished: int = 0
     failed: int = 0
     preempted: bool = False
+    recycle: bool = False  # it asks to be replaced by a fresh process (after out-of-memory)
     trials: list[int] = field(default_factory=list)
 
 
@@ -76,39 +78,47 @@ class Worker:
         checkpoint_dir: str | None = None,
         poll_interval: float = 0.5,
         stop_event: threading.Event | None = None,
+        recycle: bool = False,
     ) -> None:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0, but got {poll_interval=}")
         self.device = device
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.worker_id = worker_id or worker_identity()
         self.poll_interval = poll_interval
         self.stop_event = stop_event or threading.Event()
+        self.recycle = recycle  # exit for a fresh process after out-of-memory (a launcher's)
         # Optuna warns that heartbeats are meant for Study.optimize; this worker runs its own.
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         self.storage = open_storage(storage_url)
-        self.study, spec = load_study(
-            study_name, self.storage, seed=lambda base: worker_seed(base, self.worker_id)
-        )
+        self.study, spec = load_study(study_name, self.storage)
         self.spec: StudySpec = spec
         self.storage.heartbeat_interval = spec.workers.heartbeat_interval
         self.storage.grace_period = spec.workers.grace_period
-        self.checkpoint_dir = checkpoint_dir or spec.workers.checkpoint_dir
-        self.training = build_training_function(spec)
+        self.checkpoint_dir = config.checkpoint_dir(checkpoint_dir, spec.workers.checkpoint_dir)
+        self.training = objective.build_training_function(spec)
+        self.checkpoints: Checkpoints | None = None
         if self.checkpoint_dir:
             import torch  # noqa: F401  (checkpoints need it: import it before holding a trial)
 
-        self.oom = OomRegistry(self.study, device)
+            self.checkpoints = Checkpoints(self.checkpoint_dir, study_name, study_uuid(self.study))
+            self.checkpoints.check_writable()
+        ensure_table(self.storage)
+        self.oom = oom.OomRegistry(self.study, device)
+        self.peers = PeerFeed(self.study)
+        self.watchdog = Watchdog(spec.workers.epoch_timeout, spec.workers.trial_timeout)
         self._current: optuna.Trial | None = None
+        self._reporter: Reporter | None = None
 
     def run(self) -> WorkerResult:
         """Loop until the budget is met, the worker is stopped, or failures exceed the limit."""
         result = WorkerResult()
-        reaper = threading.Thread(target=self._reap_forever, daemon=True, name="reaper")
+        reaper = Reaper(self.study, self.storage, self.spec.workers, self.stop_event)
+        reaper.reap()
         reaper.start()
-        while not self.stop_event.is_set():
-            self.reap()
-            trial, state = self._claim()
+        while not self.stop_event.is_set() and not result.recycle:
+            trial = claim(self.study)
             if trial is None:
+                state = budget_state(self.study)
                 if state.done:
                     logger.info(
                         "Study %r has %d finished trials of %d; worker %s exits.",
@@ -117,80 +127,79 @@ class Worker:
                         state.n_trials,
                         self.worker_id,
                     )
+                    check_result(self.study)
                     break
                 self.stop_event.wait(self.poll_interval)
                 continue
             outcome = self._run_trial(trial)
             result.trials.append(trial.number)
-            if outcome in (TrialState.COMPLETE, TrialState.PRUNED):
-                result.finished += 1
-            elif outcome == TrialState.FAIL:
-                result.failed += 1
-                self._check_failures()
+            rule = consequence(outcome)
+            result.finished += rule.state in (
+                optuna.trial.TrialState.COMPLETE,
+                optuna.trial.TrialState.PRUNED,
+            )
+            result.failed += rule.state == optuna.trial.TrialState.FAIL
+            recycle_after = self.spec.workers.recycle_after
+            result.recycle = self.recycle and (
+                outcome is Outcome.OUT_OF_MEMORY
+                or (recycle_after is not None and len(result.trials) >= recycle_after)
+            )
+            if rule.counts_failure:
+                check_failures(self.study, self.spec.workers.max_failures)
         result.preempted = self.stop_event.is_set()
         self.stop_event.set()
         return result
 
-    def _claim(self) -> tuple[optuna.Trial | None, Any]:
-        with study_lock(self.study):
-            state = budget_state(self.study)
-            if state.done or not (state.has_free_slot or state.waiting):
-                return None, state
-            trial = self.study.ask()
-            self.storage.record_heartbeat(trial._trial_id)
-            return trial, state
-
-    def _run_trial(self, trial: optuna.Trial) -> TrialState | None:
+    def _run_trial(self, trial: optuna.Trial) -> Outcome:
         """Run one claimed trial; the heartbeat beats from the first moment to the last."""
-        heartbeat = Heartbeat(self.storage, trial._trial_id, self.spec.workers.heartbeat_interval)
+        trial_id = optuna_compat.trial_id(trial)
+        heartbeat = Heartbeat(self.storage, trial_id, self.spec.workers.heartbeat_interval)
         heartbeat.start()
         self._current = trial
         try:
-            return self._attempt(trial)
+            with self.watchdog.watching(lambda: self._time_out(trial)):
+                return self._attempt(trial)
         except (TrialLost, optuna.exceptions.UpdateFinishedTrialError) as e:
             logger.warning("Trial %d dropped: finished by another process (%s).", trial.number, e)
-            return None
+            return Outcome.LOST
         finally:
             heartbeat.stop()
-            self._current = None
+            self._current = self._reporter = None
 
-    def _attempt(self, trial: optuna.Trial) -> TrialState | None:
+    def _attempt(self, trial: optuna.Trial) -> Outcome:
         spec = self.spec
+        if spec.seed is not None:
+            optuna_compat.reseed_sampler(self.study.sampler, trial_seed(spec.seed, trial.number))
         params = suggest(trial, spec)
         train_params, derived = trainer_params(params, spec)
-        for key, value in {
-            **derived,
-            "worker": self.worker_id,
-            "host": socket.gethostname(),
-            "device": self.device,
-            "pid": os.getpid(),
-        }.items():
-            trial.set_user_attr(key, value)
-        root = retry_root(trial)
-        history = self._resume_history(trial)
-        if root != trial.number:
-            logger.info(
-                "Trial %d retries trial %d from epoch %d.", trial.number, root, len(history)
-            )
+        place: dict[str, Any] = {record.WORKER: self.worker_id, record.HOST: socket.gethostname()}
+        place.update({record.DEVICE: self.device, record.PID: os.getpid()})
+        optuna_compat.set_user_attrs(self.storage, trial, {**derived, **place})
         blocker = self.oom.blocking_record(train_params)
         if blocker is not None:
-            reason = f"oom-skip: at least as large as {blocker}, which ran out of memory"
-            trial.set_user_attr("fail_reason", reason)
-            logger.info("Trial %d skipped: %s.", trial.number, reason)
-            return self._tell(trial, TrialState.FAIL)
-        checkpoint = (
-            checkpoint_for(self.checkpoint_dir, self.study.study_name, root)
-            if self.checkpoint_dir
-            else None
+            detail = f"at least as large as {blocker}, which ran out of memory"
+            return self.end(trial, Outcome.OOM_SKIPPED, detail=detail)
+        root = retry_root(trial)
+        checkpoint = self.checkpoints.for_chain(root) if self.checkpoints else None
+        history = resume_history(trial, root, checkpoint, metric=spec.metric)
+        reporter = Reporter(
+            trial,
+            spec,
+            params=train_params,
+            peers=self.peers,
+            stop_event=self.stop_event,
+            history=history,
+            best_checkpoint=checkpoint if spec.workers.keep_checkpoints == "best" else None,
         )
-        reporter = Reporter(trial, spec, stop_event=self.stop_event, history=history)
+        self._reporter = reporter
+        self.watchdog.reporter = reporter
         accumulation = self.oom.accumulation(train_params)
         if accumulation > 1:
-            trial.set_user_attr("grad_accumulation", accumulation)
+            trial.set_user_attr(record.GRAD_ACCUMULATION, accumulation)
         logger.info("Trial %d started on %s with %s.", trial.number, self.device, params)
-        reset_peak_memory(self.device)
+        oom.reset_peak_memory(self.device)
         try:
-            returned = call_training(
+            returned = objective.call_training(
                 self.training,
                 train_params,
                 self.device,
@@ -198,221 +207,92 @@ class Worker:
                 checkpoint=checkpoint,
                 accumulation_steps=accumulation,
             )
-        except optuna.TrialPruned:
-            logger.info(
-                "Trial %d pruned: %s.",
-                trial.number,
-                trial.user_attrs.get("prune_reason", "pruned"),
-            )
-            return self._tell(trial, TrialState.PRUNED)
+        except optuna.TrialPruned as e:
+            return self.end(trial, Outcome.PRUNED, detail=str(e))
         except EarlyStopped as e:
-            trial.set_user_attr("early_stopped", str(e))
-            logger.info("Trial %d stopped early: %s.", trial.number, e)
-            return self._complete(trial, reporter, None)
+            if e.rule is None:
+                trial.set_user_attr(record.EARLY_STOPPED, str(e))
+            return self._complete(trial, reporter, None, ended=str(e))
         except Preempted:
-            self._hand_back(trial, "preempted")
-            return None
+            return self.end(trial, Outcome.PREEMPTED)
         except (TrialLost, optuna.exceptions.UpdateFinishedTrialError):
             raise
+        except ObjectiveError as e:  # a broken contract: every trial would fail the same way
+            self.end(trial, Outcome.OBJECTIVE_ERROR, detail=str(e))
+            raise
+        except SearchError as e:
+            self.end(trial, _search_error_outcome(e), detail=str(e))
+            raise
         except Exception as e:
-            if is_out_of_memory(e):
-                release_device_memory(self.device)
+            if oom.is_out_of_memory(e):
+                oom.release_device_memory(self.device)
                 return self._fail_oom(trial, train_params, accumulation)
-            if isinstance(e, SearchError):
-                raise
             logger.exception("Trial %d failed: %s", trial.number, e)
-            self._annotate(trial, "fail_reason", f"error: {type(e).__name__}: {e}"[:500])
-            return self._tell(trial, TrialState.FAIL)
+            return self.end(trial, Outcome.OBJECTIVE_ERROR, detail=f"{type(e).__name__}: {e}")
         finally:
-            peak = peak_memory_mb(self.device)
+            peak = oom.peak_memory_mb(self.device)
             if peak is not None:
-                self._annotate(trial, "peak_gpu_memory_mb", peak)
+                annotate(trial, record.PEAK_GPU_MEMORY_MB, peak)
         return self._complete(trial, reporter, returned)
 
     def _complete(
-        self, trial: optuna.Trial, reporter: Reporter, returned: Any
-    ) -> TrialState | None:
-        value = reporter.best
-        if value is None and isinstance(returned, int | float) and math.isfinite(returned):
-            value = float(returned)
+        self, trial: optuna.Trial, reporter: Reporter, returned: Any, *, ended: str | None = None
+    ) -> Outcome:
+        value, epoch = reporter.best, reporter.best_epoch
         if value is None:
-            self._annotate(trial, "fail_reason", "no finite value of the metric was reported")
-            return self._tell(trial, TrialState.FAIL)
-        state = self._tell(trial, TrialState.COMPLETE, value)
-        logger.info(
-            "Trial %d finished with %s=%.5g and params %s.",
-            trial.number,
-            self.spec.metric,
-            value,
-            trial.params,
-        )
-        return state
-
-    def _tell(
-        self, trial: optuna.Trial, state: TrialState, value: float | None = None
-    ) -> TrialState | None:
-        frozen = self.study.tell(trial, value, state=state, skip_if_finished=True)
-        if frozen.state != state:
-            logger.warning(
-                "Trial %d was already %s when told %s.",
-                trial.number,
-                frozen.state.name,
-                state.name,
+            value = objective.returned_value(returned)
+        if value is None:
+            detail = (
+                f"the objective reported no finite {self.spec.metric} and returned "
+                f"{objective.describe_returned(returned)}"
             )
-            return None
-        return state
+            return self.end(trial, Outcome.UNUSABLE_RESULT, detail=detail)
+        if reporter.history:
+            trial.set_user_attr(record.BEST_EPOCH, epoch)
+        return self.end(trial, Outcome.ENDED if ended else Outcome.COMPLETE, value=value)
 
-    def _annotate(self, trial: optuna.Trial, key: str, value: Any) -> None:
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            trial.set_user_attr(key, value)
+    def end(self, trial: optuna.Trial, outcome: Outcome, **how: Any) -> Outcome:
+        """End `trial` with `outcome` as the outcome table says (`search.ending`); a chain
+        that ends for good leaves no checkpoint (but its best weights, if asked)."""
+        history = self._reporter.history if self._reporter else None
+        ended = end_trial(
+            self.study,
+            trial,
+            outcome,
+            max_retries=self.spec.workers.max_retries,
+            history=history,
+            **how,
+        )
+        rule = consequence(ended)
+        if (
+            self.checkpoints
+            and rule.state is not None
+            and not (rule.retried or how.get("retried"))
+        ):
+            keep = self.spec.workers.keep_checkpoints == "best" and rule.state.name == "COMPLETE"
+            self.checkpoints.finished(retry_root(trial), keep=keep)
+        return ended
 
-    def _fail_oom(
-        self, trial: optuna.Trial, params: dict[str, Any], accumulation: int
-    ) -> TrialState | None:
-        shape: dict[str, Any] = {
-            k: params[k] for k in ("batch_size", "depth", "width") if k in params
-        }
-        if accumulation > 1 and "batch_size" in shape:  # what did not fit was the micro-batch
-            shape["batch_size"] = -(-shape["batch_size"] // accumulation)
+    def _fail_oom(self, trial: optuna.Trial, params: dict[str, Any], accumulation: int) -> Outcome:
+        shape = oom.oom_shape(params, accumulation)
         logger.warning(
             "Trial %d ran out of memory on %s with %s.", trial.number, self.device, shape
         )
-        self._annotate(trial, "fail_reason", "oom")
-        self._annotate(trial, "oom_config", shape)
-        if CONSTRAINT not in trial.constraints:
-            trial.set_constraint(CONSTRAINT, 1.0)
+        annotate(trial, record.OOM_CONFIG, shape)
+        if record.CONSTRAINT not in trial.constraints:
+            optuna_compat.storage_of(self.study).set_trial_system_attr(
+                optuna_compat.trial_id(trial), record.CONSTRAINT_KEY, 1.0
+            )
         self.oom.record(shape, trial.number)
         # Each retry halves the micro-batch, so the chain ends (at a micro-batch of one).
-        if (
-            self.spec.workers.oom_grad_accumulation
-            and self.oom.accumulation(params) > accumulation
-        ):
-            with study_lock(self.study):
-                fail_and_requeue(
-                    self.study,
-                    trial._trial_id,
-                    reason="oom-accumulate",
-                    fail_reason="oom",
-                    count_against_limit=False,
-                )
-            return TrialState.FAIL
-        return self._tell(trial, TrialState.FAIL)
+        again = self.oom.accumulation(params) > accumulation
+        return self.end(trial, Outcome.OUT_OF_MEMORY, retried=again)
 
-    def _hand_back(self, trial: optuna.Trial, reason: str) -> None:
-        """Fail the trial as not the config's fault and queue a retry with the same params."""
-        with study_lock(self.study):
-            fail_and_requeue(self.study, trial._trial_id, reason=reason, count_against_limit=False)
-        logger.info("Trial %d handed back (%s); it will be retried.", trial.number, reason)
-
-    def _resume_history(self, trial: optuna.Trial) -> list[dict[str, float]]:
-        """A retried trial with a checkpoint gets its chain's curve up to that epoch."""
-        if not self.checkpoint_dir or not system_attrs(trial).get("retry_history"):
-            return []
-        ckpt = checkpoint_for(self.checkpoint_dir, self.study.study_name, retry_root(trial))
-        state = ckpt.load()
-        done = int(state["epoch"]) if state and "epoch" in state else 0
-        return replay_chain(trial, metric=self.spec.metric, upto_epoch=done)
-
-    def reap(self) -> int:
-        """Fail RUNNING trials with a stale heartbeat and queue their retries; returns count."""
-        return reap_stale_trials(
-            self.study,
-            self.storage,
-            grace_period=self.spec.workers.grace_period,
-            max_retries=self.spec.workers.max_retries,
-        )
-
-    def _reap_forever(self) -> None:
-        interval = max(1.0, self.spec.workers.grace_period / 4)
-        while not self.stop_event.wait(interval):
-            try:
-                self.reap()
-            except Exception:
-                logger.exception("Reaping stale trials failed; will try again.")
-
-    def _check_failures(self) -> None:
-        """Stop when trials keep failing with errors (a bug in the objective, a bad install)."""
-        budget = int(self.study.user_attrs.get(BUDGET_ATTR, 0))
-        limit = self.spec.workers.max_failures or max(5, budget)
-        failed = [
-            t
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-            if str(t.user_attrs.get("fail_reason", "error")).startswith("error")
-        ]
-        if len(failed) >= limit:
-            raise TooManyFailures(
-                f"{len(failed)} trials failed with errors (max_failures={limit}); the last: "
-                f"{failed[-1].user_attrs.get('fail_reason', 'unknown')}"
-            )
+    def _time_out(self, trial: optuna.Trial) -> None:
+        """Called by the watchdog thread: fail the hung trial, then replace this process."""
+        logger.error("Trial %d timed out: %s.", trial.number, self.watchdog.reason)
+        self.end(trial, Outcome.TIMED_OUT, detail=self.watchdog.reason)
 
 
-class TooManyFailures(SearchError):
-    """The study's trials keep failing with errors; stopping beats burning the budget."""
-
-
-def run_worker(
-    study_name: str,
-    storage_url: str,
-    *,
-    device: str = "cpu",
-    worker_id: str | None = None,
-    checkpoint_dir: str | None = None,
-    stop_timeout: float = 120.0,
-) -> WorkerResult:
-    """Run one worker in this process with signal handling; used by `search worker`.
-
-    After SIGTERM the current epoch finishes, the trial is handed back for a retry and the
-    worker returns; if no epoch boundary comes within `stop_timeout` seconds, the trial is
-    handed back from the signal's timer and the process exits 0 at once.
-    """
-    stop_event = threading.Event()
-    signalled: list[int] = []
-
-    def on_signal(signum: int, _: Any) -> None:
-        # Runs between any two bytecodes of the main thread, possibly inside Event.set() of an
-        # earlier signal: only the first signal touches the event (its lock is not reentrant).
-        if not signalled:
-            signalled.append(signum)
-            stop_event.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    worker = Worker(
-        study_name,
-        storage_url,
-        device=device,
-        worker_id=worker_id,
-        checkpoint_dir=checkpoint_dir,
-        stop_event=stop_event,
-    )
-    finished = threading.Event()
-    threading.Thread(
-        target=_watch_stop, args=(worker, finished, stop_timeout), daemon=True, name="stop"
-    ).start()
-    try:
-        return worker.run()
-    finally:
-        finished.set()
-
-
-def _watch_stop(worker: Worker, finished: threading.Event, timeout: float) -> None:
-    worker.stop_event.wait()
-    if finished.is_set():
-        return
-    logger.info("Worker %s asked to stop; finishing the current epoch.", worker.worker_id)
-    if not finished.wait(timeout):
-        _force_exit(worker)
-
-
-def _force_exit(worker: Worker) -> None:
-    trial = worker._current
-    if trial is not None:
-        logger.warning(
-            "No epoch boundary within the stop timeout; handing trial %d back now.", trial.number
-        )
-        try:
-            worker._hand_back(trial, "preempted")
-        except Exception:
-            logger.exception("Could not hand trial %d back; the reaper will.", trial.number)
-    logging.shutdown()
-    os._exit(0)
+def _search_error_outcome(error: SearchError) -> Outcome:
+    return Outcome.DISK_FULL if isinstance(error, DiskFullError) else Outcome.OBJECTIVE_ERROR

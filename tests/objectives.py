@@ -64,3 +64,64 @@ def oom_unless_accumulated(params: dict[str, Any], device: str, report: Any,
 def broken(params: dict[str, Any], device: str, report: Any) -> None:
     """A user objective with a bug."""
     raise KeyError("learning_rate")
+
+
+_TRIALS_IN_THIS_PROCESS = [0]
+
+
+def dies_after_one_trial(params: dict[str, Any], device: str, report: Any,
+                         epochs: int = 1) -> None:
+    """Like `sleepy` for one trial per process; the process then exits with
+    `SEARCH_TEST_EXIT_CODE` at the start of its next trial (a crash, or 75: "recycle me")."""
+    _TRIALS_IN_THIS_PROCESS[0] += 1
+    if _TRIALS_IN_THIS_PROCESS[0] > 1:
+        os._exit(int(os.environ["SEARCH_TEST_EXIT_CODE"]))
+    for epoch in range(epochs):
+        time.sleep(EPOCH_SECONDS)
+        report(epoch + 1, {"val_loss": (float(params["x"]) - 0.3) ** 2 + 1.0 / (epoch + 1)})
+
+
+def returns_nan(params: dict[str, Any], device: str, report: Any) -> float:
+    """Never reports; returns NaN (a broken objective)."""
+    return float("nan")
+
+
+def returns_none(params: dict[str, Any], device: str, report: Any) -> None:
+    """Never reports and returns nothing (a broken objective)."""
+
+
+def returns_tensor(params: dict[str, Any], device: str, report: Any) -> Any:
+    """Never reports; returns its loss as a 0-d torch tensor (`return loss`), which is fine."""
+    import torch
+
+    return torch.tensor((float(params["x"]) - 0.3) ** 2)
+
+
+def returns_vector(params: dict[str, Any], device: str, report: Any) -> Any:
+    """Never reports; returns a tensor of shape (3,): unusable."""
+    import torch
+
+    return torch.zeros(3)
+
+
+def reports_nan(params: dict[str, Any], device: str, report: Any, epochs: int = 3) -> None:
+    """Reports a NaN loss every epoch: every trial diverges, the study gets no result."""
+    for epoch in range(epochs):
+        report(epoch + 1, {"val_loss": float("nan")})
+
+
+def wrong_metric(params: dict[str, Any], device: str, report: Any) -> None:
+    """Reports `loss` for a study whose metric is `val_loss`."""
+    report(1, {"loss": 1.0})
+
+
+def hangs(params: dict[str, Any], device: str, report: Any, epochs: int = 3) -> None:
+    """Reports one epoch, then hangs (a deadlocked data loader)."""
+    report(1, {"val_loss": 1.0})
+    time.sleep(3600)
+
+
+def boom(params: dict[str, Any], device: str, report: Any) -> None:
+    """Raises after one epoch."""
+    report(1, {"val_loss": 1.0})
+    raise RuntimeError("boom")

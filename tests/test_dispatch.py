@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
-import optuna
 import pytest
-from conftest import cli_env, sleepy_spec
+from conftest import (
+    assert_exact_budget,
+    cli_env,
+    load_trials,
+    running_with_epochs,
+    search_command,
+    sleepy_spec,
+    wait_for,
+)
 from optuna.trial import TrialState
 
-from search.launch import plan_workers, visible_gpus
-from search.storage import open_storage
+from search.exceptions import LaunchError
+from search.launch import _last_error_line, check_gpus, plan_workers, visible_gpus
 
 
 def test_one_worker_per_gpu_each_seeing_only_its_gpu() -> None:
@@ -53,41 +59,26 @@ def test_visible_gpus_respects_cuda_visible_devices(monkeypatch: pytest.MonkeyPa
     assert visible_gpus() == expected
 
 
-def _launcher(spec_path: Path, storage: str, *args: str) -> subprocess.Popen[str]:
+def _launcher(spec_path: Path, storage: str, *args: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "search", "launch", str(spec_path), "--storage", storage,
-         "--no-progress", "--log-dir", str(spec_path.parent / "logs"), *args],
-        env=cli_env(SEARCH_TEST_EPOCH_SECONDS="0.4"), stdout=subprocess.PIPE,
+        search_command("launch", str(spec_path), "--storage", storage, "--no-progress",
+                       "--log-dir", str(spec_path.parent / "logs"), *args),
+        env=cli_env(SEARCH_TEST_EPOCH_SECONDS="0.4", **env), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials()
-
-
-def _wait_running(storage: str, name: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if any(t.state == TrialState.RUNNING and t.intermediate_values
-                   for t in _trials(storage, name)):
-                return
-        except KeyError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("no trial started")
 
 
 @pytest.mark.slow
 def test_gpu_dispatch_sets_cuda_visible_devices_per_worker(
         sqlite_url: str, study_name: str, write_spec) -> None:
-    # No GPU here: the objective only reports the CUDA_VISIBLE_DEVICES its worker was given.
+    # No GPU here: the machine declares six (CUDA_VISIBLE_DEVICES) and the objective only
+    # reports the CUDA_VISIBLE_DEVICES its worker was given.
     spec = write_spec(sleepy_spec(study_name, n_trials=8, epochs=1,
                                   objective={"function": "objectives:env_probe"}))
-    launcher = _launcher(spec, sqlite_url, "--gpus", "3,5", "--workers-per-gpu", "2")
+    launcher = _launcher(spec, sqlite_url, "--gpus", "3,5", "--workers-per-gpu", "2",
+                         CUDA_VISIBLE_DEVICES="0,1,2,3,4,5")
     _, err = launcher.communicate(timeout=180)
     assert launcher.returncode == 0, err[-3000:]
-    trials = _trials(sqlite_url, study_name)
+    trials = load_trials(sqlite_url, study_name)
     rows = [t.user_attrs["epoch_metrics"][0] for t in trials]
     assert {r["gpu"] for r in rows} <= {3.0, 5.0}
     assert all(r["cuda0"] == 1.0 for r in rows)
@@ -100,12 +91,12 @@ def test_ctrl_c_stops_workers_and_leaves_nothing_running(
         sqlite_url: str, study_name: str, write_spec) -> None:
     spec = write_spec(sleepy_spec(study_name, n_trials=20, epochs=6))
     launcher = _launcher(spec, sqlite_url, "--workers", "2")
-    _wait_running(sqlite_url, study_name)
+    wait_for(lambda: running_with_epochs(sqlite_url, study_name, 1), 60, "a running trial")
     os.killpg(launcher.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the group
     _, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 130, err[-3000:]
     assert "Interrupted" in err
-    states = Counter(t.state for t in _trials(sqlite_url, study_name))
+    states = Counter(t.state for t in load_trials(sqlite_url, study_name))
     assert states[TrialState.RUNNING] == 0
     assert states[TrialState.WAITING] >= 1, "the interrupted trials are queued for a retry"
 
@@ -115,13 +106,49 @@ def test_a_crashed_worker_is_restarted_and_the_budget_is_still_exact(
         sqlite_url: str, study_name: str, write_spec) -> None:
     spec = write_spec(sleepy_spec(study_name, n_trials=6, epochs=3))
     launcher = _launcher(spec, sqlite_url, "--workers", "2")
-    _wait_running(sqlite_url, study_name)
-    victim = next(t.user_attrs["pid"] for t in _trials(sqlite_url, study_name)
+    wait_for(lambda: running_with_epochs(sqlite_url, study_name, 1), 60, "a running trial")
+    victim = next(t.user_attrs["pid"] for t in load_trials(sqlite_url, study_name)
                   if t.state == TrialState.RUNNING)
     os.kill(victim, signal.SIGKILL)
     _, err = launcher.communicate(timeout=180)
     assert launcher.returncode == 0, err[-3000:]
     assert "crashed (exit -9); restart 1/3" in err
-    states = Counter(t.state for t in _trials(sqlite_url, study_name))
-    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 6
-    assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0
+    assert_exact_budget(sqlite_url, study_name, 6)
+
+
+@pytest.mark.parametrize(("requested", "available", "ids"), [
+    ("0", ["0", "1"], ["0"]),
+    ("1, 0", ["0", "1"], ["1", "0"]),
+    ("2,3", ["2", "3"], ["2", "3"]),  # CUDA_VISIBLE_DEVICES=2,3 declares physical ids 2 and 3
+])
+def test_requested_gpus_that_exist_are_used(requested: str, available: list[str],
+                                            ids: list[str]) -> None:
+    assert check_gpus(requested, available) == ids
+
+
+@pytest.mark.parametrize(("requested", "available", "missing"), [
+    ("0", [], "no GPU 0 (GPUs visible here: none;"),
+    ("1,4", ["0", "1"], "no GPU 4 (GPUs visible here: 0, 1;"),
+    (",", ["0"], "no GPU , (GPUs visible here: 0;"),
+])
+def test_requested_gpus_this_machine_lacks_are_refused(requested: str, available: list[str],
+                                                       missing: str) -> None:
+    with pytest.raises(LaunchError, match=re.escape(f"--gpus {requested}: this machine has "
+                                                    f"{missing}")):
+        check_gpus(requested, available)
+
+
+@pytest.mark.parametrize(("log", "cause"), [
+    ("... INFO search.worker: Trial 0 started\nError: 5 trials failed with errors "
+     "(max_failures=5); the last: error: RuntimeError: boom\n",
+     "5 trials failed with errors (max_failures=5); the last: error: RuntimeError: boom"),
+    ("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+     "torch.AcceleratorError: Torch not compiled with CUDA enabled\n"
+     "2026-12-01 10:00:00,000 INFO search.cli: Worker done\n",
+     "torch.AcceleratorError: Torch not compiled with CUDA enabled"),
+    ("2026-12-01 10:00:00,000 INFO search.worker: Trial 0 finished\n", None),
+])
+def test_the_first_cause_is_read_from_a_worker_log(tmp_path: Path, log: str,
+                                                   cause: str | None) -> None:
+    (tmp_path / "worker-0.log").write_text(log)
+    assert _last_error_line(tmp_path / "worker-0.log") == cause

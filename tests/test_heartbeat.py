@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
-from conftest import cli_env, sleepy_spec
+from conftest import assert_exact_budget, sleepy_spec, start_worker, worker_log
 from optuna.trial import TrialState
 
 from search.heartbeat import Heartbeat, reap_stale_trials
-from search.retry import enqueue_retry
+from search.record import Outcome
+from search.retry import fail_and_requeue
 from search.spec import spec_from_dict
 from search.storage import open_storage
 from search.study import create_or_load_study
@@ -51,17 +51,33 @@ def test_a_trial_that_never_beat_is_reaped_after_the_grace_period(
     assert retry.state == TrialState.WAITING and retry.user_attrs["retry_of"] == first.number
 
 
-def test_a_crash_between_requeue_and_fail_queues_one_retry_only(
+def test_two_reapers_racing_on_one_stale_trial_queue_one_retry(
+        pg_url: str, study_name: str) -> None:
+    study, storage = _study(pg_url, study_name)
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(-1, 1)})
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(3.2)  # heartbeats are compared at the database's one-second resolution
+
+    def reap_from_another_process(_: int) -> int:
+        own = open_storage(pg_url)  # a connection of its own, as another worker has
+        peer = optuna.load_study(study_name=study_name, storage=own)
+        return reap_stale_trials(peer, own, grace_period=2, max_retries=1)
+
+    with ThreadPoolExecutor(4) as pool:
+        reaped = list(pool.map(reap_from_another_process, range(4)))
+    assert sum(reaped) == 1
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.WAITING]
+
+
+def test_fail_and_requeue_of_a_finished_trial_does_nothing(
         sqlite_url: str, study_name: str) -> None:
     study, storage = _study(sqlite_url, study_name)
     trial = study.ask({"x": optuna.distributions.FloatDistribution(-1, 1)})
-    storage.record_heartbeat(trial._trial_id)
-    # A reaper queued the retry and was killed before failing the trial:
-    enqueue_retry(study, storage.get_trial(trial._trial_id), reason="heartbeat-stale")
-    time.sleep(3.2)  # heartbeats are compared at the database's one-second resolution
-    assert reap_stale_trials(study, storage, grace_period=2, max_retries=1) == 1
-    states = [t.state for t in study.get_trials()]
-    assert states == [TrialState.FAIL, TrialState.WAITING]
+    study.tell(trial, 0.5)
+    assert not fail_and_requeue(storage, study._study_id, trial._trial_id,
+                                Outcome.HEARTBEAT_LOST, max_retries=1)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
 
 
 def test_retries_stop_after_max_retries(sqlite_url: str, study_name: str) -> None:
@@ -79,13 +95,7 @@ def test_worker_reaps_an_orphan_and_meets_the_budget(pg_url: str, study_name: st
     study, _ = _study(pg_url, study_name, grace=3)
     study.set_user_attr("n_trials", 3)
     orphan = study.ask()
-    log = (tmp_path / "w.log").open("wb")
-    worker = subprocess.Popen([sys.executable, "-m", "search", "worker", study_name],
-                              env=cli_env(pg_url, SEARCH_TEST_EPOCH_SECONDS="0.2"),
-                              stdout=log, stderr=subprocess.STDOUT)
-    assert worker.wait(timeout=120) == 0, (tmp_path / "w.log").read_text()[-3000:]
-    trials = optuna.load_study(study_name=study_name, storage=open_storage(pg_url)).trials
+    worker = start_worker(study_name, pg_url, tmp_path, "w", epoch_seconds=0.2)
+    assert worker.wait(timeout=120) == 0, worker_log(tmp_path, "w")[-3000:]
+    trials = assert_exact_budget(pg_url, study_name, 3).trials
     assert trials[orphan.number].state == TrialState.FAIL
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) == 3
-    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]

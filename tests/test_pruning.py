@@ -14,7 +14,6 @@ from conftest import REPO, base_spec
 from optuna.study import StudyDirection
 from optuna.trial import TrialState, create_trial
 
-from search.objective import Reporter
 from search.pruning import (
     Curve,
     DivergencePruner,
@@ -25,6 +24,7 @@ from search.pruning import (
     make_pruner,
 )
 from search.record import INFEASIBLE, PRUNE_REASON, PRUNE_RULE
+from search.reporter import Reporter
 from search.spec import spec_from_dict
 
 NAN, INF = math.nan, math.inf

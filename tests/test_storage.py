@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import threading
+import contextlib
+import logging
+import sqlite3
 import time
+from collections import Counter
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from tcp_proxy import TcpProxy
 
@@ -54,6 +58,8 @@ def test_sqlite_file_is_created_in_wal_mode(tmp_path) -> None:
     assert isinstance(storage, ResilientRDBStorage)
     optuna.create_study(storage=storage, study_name="a")
     assert (tmp_path / "x.db").exists()
+    with contextlib.closing(sqlite3.connect(tmp_path / "x.db")) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 def test_unreachable_postgres_is_one_clear_line_without_password() -> None:
@@ -65,17 +71,20 @@ def test_unreachable_postgres_is_one_clear_line_without_password() -> None:
     assert "Connection refused" in message or "connection refused" in message
     assert SECRET not in message and "\n" not in message
     assert "search status --storage" in message
+    hint = message.split("Try ", 1)[1]
+    assert "***" not in hint and "127.0.0.1" not in hint, "the hint runs as printed"
 
 
-def test_wrong_credentials_fail_at_once_without_password(pg_url: str) -> None:
+def test_wrong_credentials_fail_at_once_without_password(
+        pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
     # The local server trusts every known role (no password check), so a wrong credential is
     # an unknown role here; the code path is the same FATAL authentication failure.
     url = make_url(pg_url).set(username="no_such_role", password=SECRET)
     rendered = url.render_as_string(hide_password=False)
-    began = time.monotonic()
-    with pytest.raises(StorageError) as info:
+    with caplog.at_level(logging.WARNING, logger="search.storage"), \
+            pytest.raises(StorageError) as info:
         open_storage(rendered, connect_timeout=20)
-    assert time.monotonic() - began < 10, "a credential error must not be retried"
+    assert "retrying" not in caplog.text, "a credential error must not be retried"
     assert 'role "no_such_role" does not exist' in str(info.value)
     assert SECRET not in str(info.value)
 
@@ -86,22 +95,110 @@ def test_missing_database_is_named(pg_url: str) -> None:
         open_storage(url, connect_timeout=20)
 
 
+class _StartOnRetry(logging.Handler):
+    """Starts the database (the proxy in front of it) once `open_storage` says it will retry."""
+
+    def __init__(self, proxy: TcpProxy) -> None:
+        super().__init__(logging.WARNING)
+        self.proxy, self.retries = proxy, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "not ready" in record.getMessage():
+            self.retries += 1
+            if self.retries == 1:
+                self.proxy.start()
+
+
 def test_database_that_starts_late_is_waited_for(pg_url: str) -> None:
     target = make_url(pg_url)
     proxy = TcpProxy((target.host or "127.0.0.1", target.port or 5432))
     late = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    timer = threading.Timer(2.0, proxy.start)
-    timer.start()
+    starter = _StartOnRetry(proxy)
+    logging.getLogger("search.storage").addHandler(starter)
     try:
-        began = time.monotonic()
         storage = open_storage(late, connect_timeout=30)
-        assert time.monotonic() - began >= 1.5
+        assert starter.retries >= 1, "the first attempt found no database and was retried"
         assert storage.get_all_studies() is not None
     finally:
-        timer.cancel()
+        logging.getLogger("search.storage").removeHandler(starter)
         proxy.stop()
 
 
 def test_unsupported_scheme_is_refused() -> None:
     with pytest.raises(StorageError, match="unsupported storage 'mysql'"):
         open_storage("mysql://u:p@h/db")
+
+
+def test_every_backend_call_of_optunas_cache_is_retried() -> None:
+    from search.optuna_compat import cached_backend_calls
+    from search.storage import RETRIED_METHODS
+
+    skipped = {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}  # no I/O
+    assert cached_backend_calls() - skipped <= set(RETRIED_METHODS)
+    for name in RETRIED_METHODS:
+        assert getattr(ResilientRDBStorage, name) is not getattr(
+            optuna.storages.RDBStorage, name), f"{name} is not wrapped"
+
+
+@pytest.mark.slow
+def test_a_connection_storm_kills_no_launcher_and_no_worker(
+        pg_url: str, study_name: str, write_spec, tmp_path) -> None:
+    """Every backend of the study's database is terminated every 2 s for 20 s."""
+    import subprocess
+    import sys
+    import uuid
+
+    import sqlalchemy
+    from conftest import cli_env, sleepy_spec
+
+    from search.storage import normalize_url
+
+    admin = sqlalchemy.create_engine(normalize_url(pg_url), isolation_level="AUTOCOMMIT")
+    database = f"storm_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{database}"'))
+    url = make_url(pg_url).set(database=database).render_as_string(hide_password=False)
+    spec = write_spec(sleepy_spec(study_name, n_trials=14, epochs=3))
+    env = cli_env(url, SEARCH_TEST_EPOCH_SECONDS="0.4")
+    logs = [(tmp_path / f"p{i}.log").open("w") for i in range(3)]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "search", "launch", str(spec), "--workers", "2", "--no-progress",
+         "--log-dir", str(tmp_path / "logs")], env=env, stdout=logs[0], stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not _has_study(url, study_name) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [subprocess.Popen([sys.executable, "-m", "search", "worker", study_name],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+                   for log in logs[1:]]
+        storm_ends = time.monotonic() + 20
+        terminated = 0
+        while time.monotonic() < storm_ends:
+            with admin.connect() as connection:
+                terminated += connection.execute(sqlalchemy.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": database}).scalar()
+            time.sleep(2)
+        codes = [p.wait(timeout=240) for p in (launcher, *workers)]
+        outputs = [(tmp_path / f"p{i}.log").read_text()[-3000:] for i in range(3)]
+        assert terminated >= 10, "the storm hit the processes"
+        assert codes == [0, 0, 0], outputs
+        states = Counter(t.state for t in optuna.load_study(
+            study_name=study_name, storage=open_storage(url)).trials)
+        assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 14, states
+        assert states[TrialState.RUNNING] == states[TrialState.WAITING] == 0, states
+    finally:
+        for process in (launcher, *locals().get("workers", [])):
+            if process.poll() is None:
+                process.kill()
+        with admin.connect() as connection:
+            drop = f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'
+            connection.execute(sqlalchemy.text(drop))
+        admin.dispose()
+
+
+def _has_study(url: str, name: str) -> bool:
+    try:
+        return any(s.study_name == name for s in open_storage(url).get_all_studies())
+    except StorageError:
+        return False

@@ -5,7 +5,7 @@ values and the `epoch_metrics` attribute each; 60% complete, 40% pruned), adds a
 trials as other workers would, then for each pruner does what one worker process does: opens
 the storage (`search.storage.open_storage`), loads the study with that pruner, and runs
 `--repeats` trials one after the other, timing `trial.should_prune()` after each of 40 epochs
-reported like `search.objective.Reporter` does. The trials replay the best curve so that no
+reported like `search.reporter.Reporter` does. The trials replay the best curve so that no
 pruner stops them early. `max` is the slowest call: for `default_pruner()`, its first
 comparison in the process, which reads every finished trial once.
 

@@ -1,7 +1,7 @@
 """Sampler feedback: what TPE proposes after diverged trials, by how they are reported.
 
 Runs TPE studies that really train the built-in MLP (`search.trainable.train`, wine, 15 epochs)
-through `search.objective.Reporter` with `default_pruner()`, over several seeds, reporting the
+through `search.reporter.Reporter` with `default_pruner()`, over several seeds, reporting the
 trials that the divergence rules stop (prune rule divergence, explosion or non-finite) in
 three ways, the pruning decisions and compute being the same:
 
@@ -32,8 +32,8 @@ from rich.console import Console
 from rich.table import Table
 
 from search.exceptions import EarlyStopped
-from search.objective import Reporter
 from search.pruning import DivergencePruner, TrendPruner
+from search.reporter import Reporter
 from search.spec import spec_from_dict
 from search.trainable import train
 
