@@ -138,7 +138,9 @@ class Worker:
                 optuna.trial.TrialState.PRUNED,
             )
             result.failed += rule.state == optuna.trial.TrialState.FAIL
-            result.recycle = self.recycle and outcome is Outcome.OUT_OF_MEMORY
+            recycle_after = self.spec.workers.recycle_after
+            worn = recycle_after is not None and len(result.trials) >= recycle_after
+            result.recycle = self.recycle and (outcome is Outcome.OUT_OF_MEMORY or worn)
             if rule.counts_failure:
                 check_failures(self.study, self.spec.workers.max_failures)
         result.preempted = self.stop_event.is_set()
