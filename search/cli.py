@@ -21,11 +21,44 @@ from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+from typer.core import TyperGroup
 
+import search
+from search import config
 from search.exceptions import SearchError
+
+
+class _OneLineUsageError(ClickException):
+    exit_code = 2
+
+
+class _SearchGroup(TyperGroup):
+    """The command tree; a usage error (missing argument, unknown option, bad value) is one
+    plain line, `Error: ...`, exit 2, like every error `search` explains."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise  # `search` alone prints the help
+    except UsageError as e:
+        raise _OneLineUsageError(e.format_message()) from e
+
 
 app = typer.Typer(
     name="search",
+    cls=_SearchGroup,
     help="Hyperparameter search for PyTorch training with Optuna: one machine or a GPU fleet.",
     no_args_is_help=True,
     add_completion=False,
@@ -56,10 +89,22 @@ CheckpointOption = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"search {search.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show tracebacks and debug logs.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     _state["debug"] = debug
@@ -68,6 +113,8 @@ def _main(
 
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
+    """Around a command's work: Optuna's logging set up, `SearchError` as one `Error:` line."""
+    _configure_optuna_logging(_state["debug"])
     try:
         yield
     except SearchError as e:
@@ -123,14 +170,14 @@ def launch(
     from search.launch import Launcher, check_gpus, plan_workers, visible_gpus
     from search.report import best_summary, progress_display
     from search.spec import load_spec
-    from search.storage import mask_url, open_storage, resolve_storage_url
+    from search.storage import mask_url, open_storage
     from search.study import create_or_update_study
 
     with _errors():
         available = visible_gpus()
         gpu_ids = check_gpus(gpus, available) if gpus else available
         spec = load_spec(spec_path)
-        url = resolve_storage_url(storage, spec.storage)
+        url = config.storage_url(storage, spec.storage)
         update = create_or_update_study(spec, open_storage(url), n_trials=n_trials)
         study = update.study
         err_console.print(update.describe(), markup=False, highlight=False, soft_wrap=True)
@@ -151,7 +198,7 @@ def launch(
             url,
             plans,
             log_dir=log_dir or Path("search-logs") / spec.name,
-            checkpoint_dir=checkpoint_dir,
+            checkpoint_dir=config.checkpoint_dir(checkpoint_dir, spec.workers.checkpoint_dir),
             debug=_state["debug"],
         )
         try:
@@ -195,7 +242,6 @@ def worker(
     ] = 50.0,
 ) -> None:
     """Pull trials of STUDY from the database and train them until the budget is met."""
-    from search.storage import resolve_storage_url
     from search.watchdog import EXIT_RECYCLE, run_worker
 
     if device != "cpu" and not device.startswith("cuda"):
@@ -203,7 +249,7 @@ def worker(
     with _errors():
         result = run_worker(
             study_name,
-            resolve_storage_url(storage),
+            config.storage_url(storage),
             device=device,
             worker_id=worker_id,
             checkpoint_dir=checkpoint_dir,
@@ -229,12 +275,12 @@ def create(
 ) -> None:
     """Create the study (or check the existing one matches) without running trials."""
     from search.spec import load_spec
-    from search.storage import mask_url, open_storage, resolve_storage_url
+    from search.storage import mask_url, open_storage
     from search.study import create_or_update_study
 
     with _errors():
         spec = load_spec(spec_path)
-        url = resolve_storage_url(storage, spec.storage)
+        url = config.storage_url(storage, spec.storage)
         update = create_or_update_study(spec, open_storage(url), n_trials=n_trials)
         study = update.study
         typer.echo(update.describe())
@@ -255,10 +301,10 @@ def status(
 ) -> None:
     """Show trial counts per state, the best value and its parameters."""
     from search.report import status_rows, study_status
-    from search.storage import open_storage, resolve_storage_url
+    from search.storage import open_storage
 
     with _errors():
-        opened = open_storage(resolve_storage_url(storage), connect_timeout=5)
+        opened = open_storage(config.storage_url(storage), connect_timeout=5)
         data: Any = study_status(opened, study_name) if study_name else status_rows(opened)
     if as_json:
         typer.echo(json.dumps(data, indent=2, default=str))
@@ -306,7 +352,10 @@ def _configure_logging(debug: bool) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
-    import optuna
+
+
+def _configure_optuna_logging(debug: bool) -> None:
+    import optuna  # here, not at start-up: help and usage errors do not need it
 
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()

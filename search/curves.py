@@ -89,9 +89,9 @@ class Curve:
 
 def non_finite(curve: Curve) -> Verdict | None:
     """NaN or +-inf in the metric, `train_loss` or `grad_norm` at any reported epoch."""
+    reported = {k: v for k, v in curve.extras.items() if curve.reported(k)}
     for i, step in enumerate(curve.steps):
-        checks = [(curve.name, curve.values[i])]
-        checks += [(k, v[i]) for k, v in curve.extras.items() if curve.reported(k)]
+        checks = [(curve.name, curve.values[i]), *((k, v[i]) for k, v in reported.items())]
         for key, value in checks:
             if not math.isfinite(value):
                 return Verdict("non-finite", f"{key} is {value} at epoch {step}", True)

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search import optuna_compat, record
+from search import config, optuna_compat, record
 from search.exceptions import SearchError, TooManyFailures
 from search.record import Outcome, consequence
 from search.retry import fail_and_requeue
@@ -84,7 +84,7 @@ def annotate(trial: optuna.Trial, key: str, value: Any) -> None:
 def check_failures(study: optuna.Study, max_failures: int | None) -> None:
     """Raise `TooManyFailures` once `max_failures` (default max(5, budget)) trials failed for
     outcomes that count (objective errors, unusable results, timeouts)."""
-    limit = max_failures or max(5, int(study.user_attrs.get(record.BUDGET, 0)))
+    limit = config.max_failures(max_failures, int(study.user_attrs.get(record.BUDGET, 0)))
     failed = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))

@@ -50,8 +50,8 @@ def record_epoch(
     with optuna_compat.session(storage) as opened:
         optuna_compat.write_intermediate(opened, storage, trial_id, step, value)
         text = json.dumps(row)  # NaN/inf as JSON's NaN/Infinity, as Optuna writes attrs
-        opened.execute(EPOCHS.delete().where(_key(trial_id, step)))
-        opened.execute(EPOCHS.insert().values(trial_id=trial_id, epoch=step, metrics=text))
+        row_of_epoch = {"trial_id": trial_id, "epoch": step, "metrics": text}
+        optuna_compat.upsert(opened, EPOCHS, row_of_epoch, ["trial_id", "epoch"])
 
 
 @retry_transient
@@ -67,7 +67,3 @@ def stored_rows(storage: optuna.storages.BaseStorage, trial_id: int) -> list[dic
             .order_by(EPOCHS.c.epoch)
         )
         return [json.loads(text) for (text,) in rows]
-
-
-def _key(trial_id: int, step: int) -> sa.ColumnElement[bool]:
-    return sa.and_(EPOCHS.c.trial_id == trial_id, EPOCHS.c.epoch == step)

@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial
 
 if TYPE_CHECKING:
     import sqlalchemy
+    import sqlalchemy as sa
     from sqlalchemy.orm import Session
 
 
@@ -209,9 +210,51 @@ def fail_and_replace(
 def write_intermediate(
     opened: Session, storage: optuna.storages.BaseStorage, trial: int, step: int, value: float
 ) -> None:
-    """Optuna's intermediate value write, inside the caller's transaction; raises
-    `UpdateFinishedTrialError` when the trial is finished."""
-    rdb(storage)._set_trial_intermediate_value_without_commit(opened, trial, step, value)
+    """Optuna's intermediate value write as one upsert inside the caller's transaction, made
+    only while the trial is RUNNING; raises `UpdateFinishedTrialError` otherwise."""
+    import sqlalchemy as sa
+    from optuna.trial import TrialState
+
+    rdb_models = models()
+    table = rdb_models.TrialIntermediateValueModel.__table__
+    trials = rdb_models.TrialModel.__table__
+    stored, kind = rdb_models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
+    running = sa.select(trials.c.trial_id).where(
+        trials.c.trial_id == trial, trials.c.state == TrialState.RUNNING
+    )
+    values = sa.select(
+        sa.literal(trial, sa.Integer),
+        sa.literal(step, sa.Integer),
+        sa.literal(stored, sa.Float),
+        sa.literal(kind, table.c.intermediate_value_type.type),
+    ).where(running.exists())
+    columns = ["trial_id", "step", "intermediate_value", "intermediate_value_type"]
+    insert = _dialect_insert(opened)(table).from_select(columns, values)
+    upsert = insert.on_conflict_do_update(
+        index_elements=["trial_id", "step"],
+        set_={
+            "intermediate_value": insert.excluded.intermediate_value,
+            "intermediate_value_type": insert.excluded.intermediate_value_type,
+        },
+    )
+    result: Any = opened.execute(upsert)  # a CursorResult, which has rowcount
+    if result.rowcount == 0:
+        raise optuna.exceptions.UpdateFinishedTrialError(
+            f"trial id {trial} is finished: its intermediate values cannot change"
+        )
+
+
+def upsert(opened: Session, table: sa.Table, row: dict[str, Any], keys: list[str]) -> None:
+    """Insert `row` into `table`, or update the row with the same `keys` (PostgreSQL, SQLite)."""
+    insert = _dialect_insert(opened)(table).values(**row)
+    others = {k: v for k, v in row.items() if k not in keys}
+    opened.execute(insert.on_conflict_do_update(index_elements=keys, set_=others))
+
+
+def _dialect_insert(opened: Session) -> Any:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return postgresql.insert if opened.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 def stale_running(
@@ -290,3 +333,16 @@ def note_intermediate(trial: optuna.Trial, step: int, value: float) -> None:
     """Mirror an intermediate value written outside `Trial.report` into the live trial's
     cache, where `Trial.should_prune` hands it to Optuna's pruners."""
     trial._cached_frozen_trial.intermediate_values[step] = value
+
+
+def set_user_attrs(
+    storage: optuna.storages.BaseStorage, trial: optuna.Trial, attrs: dict[str, Any]
+) -> None:
+    """Set several user attributes of a live trial in one transaction (and in its cache)."""
+    rdb_models = models()
+    with session(storage) as opened:
+        for key, value in attrs.items():
+            rdb(storage)._set_trial_attr_without_commit(
+                opened, rdb_models.TrialUserAttributeModel, trial_id(trial), key, value
+            )
+    trial._cached_frozen_trial.user_attrs.update(attrs)

@@ -64,6 +64,7 @@ class Reporter:
         peers: PeerFeed | None = None,
         stop_event: threading.Event | None = None,
         history: list[dict[str, float]] | None = None,
+        best_checkpoint: Any = None,
     ) -> None:
         self.trial = trial
         self.storage = optuna_compat.storage_of(trial.study)
@@ -82,6 +83,7 @@ class Reporter:
         self.best: float | None = None
         self.best_epoch = 0
         self.last_report = time.monotonic()
+        self.best_checkpoint = best_checkpoint  # its `mark_best()` keeps the best epoch's file
         for row in self.history:
             self._track_best(int(row["epoch"]), float(row.get(self.metric, math.nan)))
 
@@ -106,7 +108,8 @@ class Reporter:
         if self.stop_event.is_set():
             raise Preempted(f"stop requested after epoch {step}")
         self._prune_if_needed(int(step), value, row)
-        self._track_best(int(step), value)
+        if self._track_best(int(step), value) and self.best_checkpoint is not None:
+            self.best_checkpoint.mark_best()  # the file holds this epoch: the trainer saved it
         if self.patience is not None and step - self.best_epoch >= self.patience:
             raise EarlyStopped(
                 f"{self.metric} has not improved by more than {self.min_delta:g} for "
@@ -152,9 +155,9 @@ class Reporter:
         if infeasible and CONSTRAINT not in self.trial.constraints:
             self.storage.set_trial_system_attr(self.trial_id, CONSTRAINT_KEY, 1.0)
 
-    def _track_best(self, step: int, value: float) -> None:
+    def _track_best(self, step: int, value: float) -> bool:
         if not math.isfinite(value):
-            return
+            return False
         improved = self.best is None or (
             value > self.best + self.min_delta
             if self.maximize
@@ -162,6 +165,7 @@ class Reporter:
         )
         if improved:
             self.best, self.best_epoch = value, step
+        return improved
 
 
 def _number(key: str, value: Any) -> float:

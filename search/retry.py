@@ -129,3 +129,16 @@ def replay_chain(trial: optuna.Trial, *, metric: str, upto_epoch: int) -> list[d
         trial.set_user_attr(record.MISSING_EPOCHS, missing)
     trial.set_user_attr(record.RESUMED_FROM_EPOCH, upto_epoch)
     return replay
+
+
+def resume_history(
+    trial: optuna.Trial, root: int, checkpoint: Any, *, metric: str
+) -> list[dict[str, Any]]:
+    """A retry with its chain's checkpoint gets the chain's curve up to the checkpoint's epoch
+    (see `replay_chain`); a first attempt, or one without a checkpoint, starts empty."""
+    if checkpoint is None or root == trial.number:
+        return []
+    state = checkpoint.load()
+    done = int(state["epoch"]) if state and "epoch" in state else 0
+    logger.info("Trial %d retries trial %d from epoch %d.", trial.number, root, done)
+    return replay_chain(trial, metric=metric, upto_epoch=done)

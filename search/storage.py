@@ -21,14 +21,14 @@ import sqlalchemy.exc
 import sqlalchemy.pool
 from sqlalchemy.engine import make_url
 
-from search import optuna_compat
+from search import config, optuna_compat
+from search.config import CONNECT_TIMEOUT_ENV as CONNECT_TIMEOUT_ENV  # re-exported
+from search.config import DEFAULT_STORAGE as DEFAULT_STORAGE
+from search.config import STORAGE_ENV as STORAGE_ENV
 from search.exceptions import StorageError
 
 logger = logging.getLogger(__name__)
 
-STORAGE_ENV = "SEARCH_STORAGE"
-DEFAULT_STORAGE = "sqlite:///search.db"
-CONNECT_TIMEOUT_ENV = "SEARCH_CONNECT_TIMEOUT"
 #: Connections one worker holds: one, shared in turn by its main loop, heartbeat and reaper
 #: threads (each storage call is one short transaction; none nests another).
 POOL_SIZE = 1
@@ -47,10 +47,7 @@ _T = TypeVar("_T")
 
 def resolve_storage_url(cli: str | None = None, spec: str | None = None) -> str:
     """The storage URL by precedence: CLI flag > `SEARCH_STORAGE` > study file > default."""
-    for candidate in (cli, os.environ.get(STORAGE_ENV), spec):
-        if candidate:
-            return candidate
-    return DEFAULT_STORAGE
+    return config.storage_url(cli, spec)
 
 
 def normalize_url(url: str) -> str:
@@ -107,7 +104,9 @@ def open_storage(
         ) from e
     if backend not in ("sqlite", "postgresql"):
         raise StorageError(f"unsupported storage {backend!r}: use sqlite:/// or postgresql://")
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # No pre-ping (a round trip per call): a dropped connection fails its call, which is
+    # retried on a new connection (`retry_transient`).
+    engine_kwargs: dict[str, Any] = {}
     engine_kwargs.update(pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_timeout=60)
     if backend == "sqlite":
         _prepare_sqlite(url)
@@ -116,9 +115,7 @@ def open_storage(
         # Named per process, so an operator (or a test) sees which worker holds a connection.
         name = f"search {socket.gethostname()}:{os.getpid()}"[:63]
         engine_kwargs["connect_args"] = {"connect_timeout": 10, "application_name": name}
-    if connect_timeout is None:
-        connect_timeout = float(os.environ.get(CONNECT_TIMEOUT_ENV, "30"))
-    deadline = time.monotonic() + connect_timeout
+    deadline = time.monotonic() + config.connect_timeout(connect_timeout)
     delay = 0.5
     while True:
         try:
@@ -143,7 +140,7 @@ def open_storage(
                 raise StorageError(
                     f"cannot open storage {mask_url(url)} ({describe_url(url)}): {reason}. "
                     f"Is the database running and the URL right? "
-                    f"Try `search status --storage '{mask_url(url)}'`"
+                    'Try `search status --storage "$SEARCH_STORAGE"` with SEARCH_STORAGE set to it'
                 ) from None
             logger.warning(
                 "Storage %s not ready (%s); retrying in %.1f s.", describe_url(url), reason, delay

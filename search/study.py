@@ -8,6 +8,7 @@ person reviewing or resuming the study sees how it was defined.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import uuid
@@ -17,7 +18,7 @@ from typing import Any
 
 import optuna
 
-from search import record
+from search import config, record
 from search.budget import budget_state, study_lock
 from search.exceptions import SpecError, StudyConflictError, StudyNotFoundError
 from search.pruning import make_pruner
@@ -104,7 +105,7 @@ def create_or_update_study(
         if stored is None:
             if not attrs.get(record.STUDY_UUID):  # set once, before the spec that publishes it
                 study.set_user_attr(record.STUDY_UUID, uuid.uuid4().hex)
-            study.set_user_attr(record.BUDGET, n_trials if n_trials is not None else spec.n_trials)
+            study.set_user_attr(record.BUDGET, config.n_trials(n_trials, spec.n_trials))
             study.set_user_attr(record.SPEC, new)
             logger.info("Created study %r.", spec.name)
             return StudyUpdate(study, created=True)
@@ -278,3 +279,9 @@ def _not_found(name: str, storage: optuna.storages.BaseStorage) -> str:
     url = getattr(storage, "url", "")
     known = f"; studies there: {', '.join(names)}" if names else "; it holds no studies"
     return f"no study {name!r} in {mask_url(url)}{known}"
+
+
+def trial_seed(base: int, number: int) -> int:
+    """The sampler seed of one trial of a seeded study (spec seed, trial number): distinct
+    for every trial, whichever worker, restart or launcher samples it."""
+    return int.from_bytes(hashlib.sha256(f"{base}:{number}".encode()).digest()[:4], "big")

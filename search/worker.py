@@ -12,7 +12,6 @@ restart, relaunch or second launcher can replay another worker's parameters.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import secrets
@@ -24,33 +23,36 @@ from typing import Any
 
 import optuna
 
-from search import objective, oom, optuna_compat, record
+from search import config, objective, oom, optuna_compat, record
 from search.budget import budget_state, claim
 from search.checkpoint import Checkpoints
 from search.ending import annotate, check_failures, check_result, end_trial
 from search.epochs import ensure_table
-from search.exceptions import EarlyStopped, ObjectiveError, Preempted, SearchError, TrialLost
+from search.exceptions import (
+    DiskFullError,
+    EarlyStopped,
+    ObjectiveError,
+    Preempted,
+    SearchError,
+    TrialLost,
+)
 from search.heartbeat import Heartbeat, Reaper
 from search.record import Outcome, consequence
 from search.reporter import PeerFeed, Reporter
-from search.retry import replay_chain, retry_root
+from search.retry import resume_history, retry_root
 from search.space import suggest, trainer_params
 from search.spec import StudySpec
-from search.storage import open_storage
-from search.study import load_study, study_uuid
+from search.storage import open_storage, retry_transient
+from search.study import load_study, study_uuid, trial_seed
 from search.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
+set_user_attrs = retry_transient(optuna_compat.set_user_attrs)
 
 
 def worker_identity() -> str:
     """`<host>-<pid>-<random>`: unique per process, even after a restart with the same pid."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-def trial_seed(base: int, number: int) -> int:
-    """The sampler seed for one trial of a seeded study: distinct for every trial number."""
-    return int.from_bytes(hashlib.sha256(f"{base}:{number}".encode()).digest()[:4], "big")
 
 
 @dataclass
@@ -93,7 +95,7 @@ class Worker:
         self.spec: StudySpec = spec
         self.storage.heartbeat_interval = spec.workers.heartbeat_interval
         self.storage.grace_period = spec.workers.grace_period
-        self.checkpoint_dir = checkpoint_dir or spec.workers.checkpoint_dir
+        self.checkpoint_dir = config.checkpoint_dir(checkpoint_dir, spec.workers.checkpoint_dir)
         self.training = objective.build_training_function(spec)
         self.checkpoints: Checkpoints | None = None
         if self.checkpoint_dir:
@@ -139,8 +141,10 @@ class Worker:
             )
             result.failed += rule.state == optuna.trial.TrialState.FAIL
             recycle_after = self.spec.workers.recycle_after
-            worn = recycle_after is not None and len(result.trials) >= recycle_after
-            result.recycle = self.recycle and (outcome is Outcome.OUT_OF_MEMORY or worn)
+            result.recycle = self.recycle and (
+                outcome is Outcome.OUT_OF_MEMORY
+                or (recycle_after is not None and len(result.trials) >= recycle_after)
+            )
             if rule.counts_failure:
                 check_failures(self.study, self.spec.workers.max_failures)
         result.preempted = self.stop_event.is_set()
@@ -169,17 +173,16 @@ class Worker:
             optuna_compat.reseed_sampler(self.study.sampler, trial_seed(spec.seed, trial.number))
         params = suggest(trial, spec)
         train_params, derived = trainer_params(params, spec)
-        place = {record.WORKER: self.worker_id, record.HOST: socket.gethostname()}
-        for key, value in {**derived, **place, record.DEVICE: self.device}.items():
-            trial.set_user_attr(key, value)
-        trial.set_user_attr(record.PID, os.getpid())
+        place: dict[str, Any] = {record.WORKER: self.worker_id, record.HOST: socket.gethostname()}
+        place.update({record.DEVICE: self.device, record.PID: os.getpid()})
+        set_user_attrs(self.storage, trial, {**derived, **place})
         blocker = self.oom.blocking_record(train_params)
         if blocker is not None:
             detail = f"at least as large as {blocker}, which ran out of memory"
             return self.end(trial, Outcome.OOM_SKIPPED, detail=detail)
         root = retry_root(trial)
-        history = self._resume_history(trial, root)
         checkpoint = self.checkpoints.for_chain(root) if self.checkpoints else None
+        history = resume_history(trial, root, checkpoint, metric=spec.metric)
         reporter = Reporter(
             trial,
             spec,
@@ -187,6 +190,7 @@ class Worker:
             peers=self.peers,
             stop_event=self.stop_event,
             history=history,
+            best_checkpoint=checkpoint if spec.workers.keep_checkpoints == "best" else None,
         )
         self._reporter = reporter
         self.watchdog.reporter = reporter
@@ -249,9 +253,10 @@ class Worker:
         return self.end(trial, Outcome.ENDED if ended else Outcome.COMPLETE, value=value)
 
     def end(self, trial: optuna.Trial, outcome: Outcome, **how: Any) -> Outcome:
-        """End `trial` with `outcome` as the outcome table says (`search.ending`)."""
+        """End `trial` with `outcome` as the outcome table says (`search.ending`); a chain
+        that ends for good leaves no checkpoint (but its best weights, if asked)."""
         history = self._reporter.history if self._reporter else None
-        return end_trial(
+        ended = end_trial(
             self.study,
             trial,
             outcome,
@@ -259,6 +264,15 @@ class Worker:
             history=history,
             **how,
         )
+        rule = consequence(ended)
+        if (
+            self.checkpoints
+            and rule.state is not None
+            and not (rule.retried or how.get("retried"))
+        ):
+            keep = self.spec.workers.keep_checkpoints == "best" and rule.state.name == "COMPLETE"
+            self.checkpoints.finished(retry_root(trial), keep=keep)
+        return ended
 
     def _fail_oom(self, trial: optuna.Trial, params: dict[str, Any], accumulation: int) -> Outcome:
         shape = oom.oom_shape(params, accumulation)
@@ -280,15 +294,6 @@ class Worker:
         logger.error("Trial %d timed out: %s.", trial.number, self.watchdog.reason)
         self.end(trial, Outcome.TIMED_OUT, detail=self.watchdog.reason)
 
-    def _resume_history(self, trial: optuna.Trial, root: int) -> list[dict[str, float]]:
-        """A retried trial with a checkpoint gets its chain's curve up to that epoch."""
-        if not self.checkpoints or root == trial.number:
-            return []
-        state = self.checkpoints.for_chain(root).load()
-        done = int(state["epoch"]) if state and "epoch" in state else 0
-        logger.info("Trial %d retries trial %d from epoch %d.", trial.number, root, done)
-        return replay_chain(trial, metric=self.spec.metric, upto_epoch=done)
-
 
 def _search_error_outcome(error: SearchError) -> Outcome:
-    return Outcome.DISK_FULL if "disk full" in str(error).lower() else Outcome.OBJECTIVE_ERROR
+    return Outcome.DISK_FULL if isinstance(error, DiskFullError) else Outcome.OBJECTIVE_ERROR

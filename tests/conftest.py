@@ -1,37 +1,86 @@
-"""Shared fixtures: real storages (a SQLite file per test, the real PostgreSQL), study files."""
+"""Shared fixtures and helpers: real storages (a SQLite file per test, the real PostgreSQL),
+study files, `search` subprocesses, waits with deadlines and the exact-budget check."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import optuna
 import pytest
 import sqlalchemy
 import yaml
+from optuna.trial import FrozenTrial, TrialState
 
-from search.storage import normalize_url
+from search.storage import mask_url, normalize_url, open_storage
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_ENV = "SEARCH_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the real PostgreSQL (the `pg_url` fixture) carries `postgres`."""
+    for item in items:
+        if "pg_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> str:
-    """The real PostgreSQL test database. Unreachable is a failure, never a skip."""
+    """The real PostgreSQL test database, created when the server lacks it.
+
+    Unreachable is a failure, never a skip.
+    """
     url = os.environ.get(POSTGRES_ENV, DEFAULT_POSTGRES)
+    try:
+        if not _database_exists(url):
+            _create_database(url)
+    except sqlalchemy.exc.OperationalError as e:
+        pytest.fail(f"PostgreSQL at {mask_url(url)} is not reachable ({e.orig}); start it or "
+                    f"set {POSTGRES_ENV}", pytrace=False)
+    return url
+
+
+def _database_exists(url: str) -> bool:
     engine = sqlalchemy.create_engine(normalize_url(url), connect_args={"connect_timeout": 5})
     try:
         with engine.connect() as connection:
             connection.execute(sqlalchemy.text("SELECT 1"))
+        return True
     except sqlalchemy.exc.OperationalError as e:
-        pytest.fail(f"PostgreSQL at {url} is not reachable ({e.orig}); start it or set "
-                    f"{POSTGRES_ENV}", pytrace=False)
+        if "does not exist" not in str(e.orig):
+            raise
+        return False
     finally:
         engine.dispose()
-    return url
+
+
+def _create_database(url: str) -> None:
+    """CREATE DATABASE through the server's `postgres` database (a race with another run that
+    creates it at the same moment is fine)."""
+    target = sqlalchemy.engine.make_url(normalize_url(url))
+    admin = sqlalchemy.create_engine(
+        target.set(database="postgres"),
+        connect_args={"connect_timeout": 5},
+        isolation_level="AUTOCOMMIT",
+    )
+    quoted = admin.dialect.identifier_preparer.quote(target.database or "")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f"CREATE DATABASE {quoted}"))
+    except sqlalchemy.exc.ProgrammingError as e:
+        if "already exists" not in str(e.orig):
+            raise
+    finally:
+        admin.dispose()
 
 
 @pytest.fixture
@@ -108,3 +157,71 @@ def sleepy_spec(name: str, **overrides: Any) -> dict[str, Any]:
     }
     spec.update(overrides)
     return spec
+
+
+# --- `search` processes, waits and the exact budget ----------------------------------------
+
+_T = TypeVar("_T")
+
+
+def search_command(*args: str) -> list[str]:
+    """The argv of a real `search ...` process run by this interpreter."""
+    return [sys.executable, "-m", "search", *args]
+
+
+def start_worker(
+    name: str, url: str, log_dir: Path, worker_id: str, *extra: str, epoch_seconds: float = 0.3
+) -> subprocess.Popen[bytes]:
+    """A real `search worker` process on study `name`; its output goes to `worker_log`."""
+    log = (log_dir / f"{worker_id}.log").open("wb")
+    return subprocess.Popen(
+        search_command("worker", name, "--worker-id", worker_id, *extra),
+        env=cli_env(url, SEARCH_TEST_EPOCH_SECONDS=str(epoch_seconds)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def worker_log(log_dir: Path, worker_id: str) -> str:
+    return (log_dir / f"{worker_id}.log").read_text()
+
+
+def wait_for(predicate: Callable[[], _T | None], timeout: float, what: str) -> _T:
+    """Poll `predicate` until it returns something truthy (returned), or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def load_trials(url: str, name: str) -> list[FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
+
+
+def running_with_epochs(url: str, name: str, epochs: int) -> FrozenTrial | None:
+    """A RUNNING trial with at least `epochs` reported epochs; None (also while the study does
+    not exist yet)."""
+    try:
+        found = load_trials(url, name)
+    except KeyError:
+        return None
+    for trial in found:
+        if trial.state == TrialState.RUNNING and len(trial.intermediate_values) >= epochs:
+            return trial
+    return None
+
+
+def assert_exact_budget(url: str, name: str, n: int) -> optuna.Study:
+    """The budget is met exactly: `n` finished (COMPLETE + PRUNED), nothing RUNNING or WAITING,
+    no trial number twice."""
+    study = optuna.load_study(study_name=name, storage=open_storage(url))
+    found = study.get_trials()
+    states = Counter(t.state for t in found)
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == n, states
+    assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0, states
+    numbers = [t.number for t in found]
+    assert len(numbers) == len(set(numbers)), numbers
+    return study

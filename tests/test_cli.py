@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 
@@ -75,6 +76,44 @@ def test_worker_rejects_a_bad_device() -> None:
     assert "expected cpu or cuda:N" in result.output + result.stderr
     last = (result.stderr or result.output).strip().splitlines()[-1]
     assert last == "Error: Invalid value for --device: expected cpu or cuda:N, got 'tpu'"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["launch"], "Error: Missing argument 'SPEC'."),
+        (["launch", "x.yaml", "--bogus"], "Error: No such option: --bogus"),
+        (["launch", "x.yaml", "--n-trials", "abc"], "Error: Invalid value for '--n-trials': "),
+        (["launch", "x.yaml", "--n-trials", "0"], "Error: Invalid value for '--n-trials': "),
+        (["status", "--jsn"], "Error: No such option: --jsn"),
+        (["lunch"], "Error: No such command 'lunch'."),
+        (["--bogus"], "Error: No such option: --bogus"),
+    ],
+    ids=["missing-argument", "unknown-option", "not-an-int", "below-min", "status", "command",
+         "top-level-option"],
+)
+def test_usage_error_is_one_plain_line(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(message), result.stderr
+    assert result.stdout == ""
+
+
+def test_version() -> None:
+    import search
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout == f"search {search.__version__}\n"
+    assert search.__version__ == importlib.metadata.version("gridfleet-search")
+
+
+def test_real_subprocess_usage_error_is_one_line() -> None:
+    result = subprocess.run([sys.executable, "-m", "search", "launch"], capture_output=True,
+                            text=True, timeout=60, env=cli_env())
+    assert result.returncode == 2
+    assert result.stderr == "Error: Missing argument 'SPEC'.\n"
 
 
 def test_real_subprocess_entry_point() -> None:

@@ -6,19 +6,23 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
-import optuna
 import pytest
-from conftest import cli_env, sleepy_spec
+from conftest import (
+    assert_exact_budget,
+    cli_env,
+    load_trials,
+    running_with_epochs,
+    search_command,
+    sleepy_spec,
+    wait_for,
+)
 from optuna.trial import TrialState
 
 from search.exceptions import LaunchError
 from search.launch import _last_error_line, check_gpus, plan_workers, visible_gpus
-from search.storage import open_storage
 
 
 def test_one_worker_per_gpu_each_seeing_only_its_gpu() -> None:
@@ -57,27 +61,10 @@ def test_visible_gpus_respects_cuda_visible_devices(monkeypatch: pytest.MonkeyPa
 
 def _launcher(spec_path: Path, storage: str, *args: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "search", "launch", str(spec_path), "--storage", storage,
-         "--no-progress", "--log-dir", str(spec_path.parent / "logs"), *args],
+        search_command("launch", str(spec_path), "--storage", storage, "--no-progress",
+                       "--log-dir", str(spec_path.parent / "logs"), *args),
         env=cli_env(SEARCH_TEST_EPOCH_SECONDS="0.4", **env), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials()
-
-
-def _wait_running(storage: str, name: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if any(t.state == TrialState.RUNNING and t.intermediate_values
-                   for t in _trials(storage, name)):
-                return
-        except KeyError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("no trial started")
 
 
 @pytest.mark.slow
@@ -91,7 +78,7 @@ def test_gpu_dispatch_sets_cuda_visible_devices_per_worker(
                          CUDA_VISIBLE_DEVICES="0,1,2,3,4,5")
     _, err = launcher.communicate(timeout=180)
     assert launcher.returncode == 0, err[-3000:]
-    trials = _trials(sqlite_url, study_name)
+    trials = load_trials(sqlite_url, study_name)
     rows = [t.user_attrs["epoch_metrics"][0] for t in trials]
     assert {r["gpu"] for r in rows} <= {3.0, 5.0}
     assert all(r["cuda0"] == 1.0 for r in rows)
@@ -104,12 +91,12 @@ def test_ctrl_c_stops_workers_and_leaves_nothing_running(
         sqlite_url: str, study_name: str, write_spec) -> None:
     spec = write_spec(sleepy_spec(study_name, n_trials=20, epochs=6))
     launcher = _launcher(spec, sqlite_url, "--workers", "2")
-    _wait_running(sqlite_url, study_name)
+    wait_for(lambda: running_with_epochs(sqlite_url, study_name, 1), 60, "a running trial")
     os.killpg(launcher.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the group
     _, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 130, err[-3000:]
     assert "Interrupted" in err
-    states = Counter(t.state for t in _trials(sqlite_url, study_name))
+    states = Counter(t.state for t in load_trials(sqlite_url, study_name))
     assert states[TrialState.RUNNING] == 0
     assert states[TrialState.WAITING] >= 1, "the interrupted trials are queued for a retry"
 
@@ -119,16 +106,14 @@ def test_a_crashed_worker_is_restarted_and_the_budget_is_still_exact(
         sqlite_url: str, study_name: str, write_spec) -> None:
     spec = write_spec(sleepy_spec(study_name, n_trials=6, epochs=3))
     launcher = _launcher(spec, sqlite_url, "--workers", "2")
-    _wait_running(sqlite_url, study_name)
-    victim = next(t.user_attrs["pid"] for t in _trials(sqlite_url, study_name)
+    wait_for(lambda: running_with_epochs(sqlite_url, study_name, 1), 60, "a running trial")
+    victim = next(t.user_attrs["pid"] for t in load_trials(sqlite_url, study_name)
                   if t.state == TrialState.RUNNING)
     os.kill(victim, signal.SIGKILL)
     _, err = launcher.communicate(timeout=180)
     assert launcher.returncode == 0, err[-3000:]
     assert "crashed (exit -9); restart 1/3" in err
-    states = Counter(t.state for t in _trials(sqlite_url, study_name))
-    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 6
-    assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0
+    assert_exact_budget(sqlite_url, study_name, 6)
 
 
 @pytest.mark.parametrize(("requested", "available", "ids"), [

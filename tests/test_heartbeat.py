@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
-from conftest import cli_env, sleepy_spec
+from conftest import assert_exact_budget, sleepy_spec, start_worker, worker_log
 from optuna.trial import TrialState
 
 from search.heartbeat import Heartbeat, reap_stale_trials
@@ -97,13 +95,7 @@ def test_worker_reaps_an_orphan_and_meets_the_budget(pg_url: str, study_name: st
     study, _ = _study(pg_url, study_name, grace=3)
     study.set_user_attr("n_trials", 3)
     orphan = study.ask()
-    log = (tmp_path / "w.log").open("wb")
-    worker = subprocess.Popen([sys.executable, "-m", "search", "worker", study_name],
-                              env=cli_env(pg_url, SEARCH_TEST_EPOCH_SECONDS="0.2"),
-                              stdout=log, stderr=subprocess.STDOUT)
-    assert worker.wait(timeout=120) == 0, (tmp_path / "w.log").read_text()[-3000:]
-    trials = optuna.load_study(study_name=study_name, storage=open_storage(pg_url)).trials
+    worker = start_worker(study_name, pg_url, tmp_path, "w", epoch_seconds=0.2)
+    assert worker.wait(timeout=120) == 0, worker_log(tmp_path, "w")[-3000:]
+    trials = assert_exact_budget(pg_url, study_name, 3).trials
     assert trials[orphan.number].state == TrialState.FAIL
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) == 3
-    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]

@@ -8,13 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import REPO, base_spec, cli_env, sleepy_spec
+from conftest import REPO, assert_exact_budget, base_spec, cli_env, search_command, sleepy_spec
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 
 from search.storage import open_storage
 
@@ -24,31 +24,25 @@ pytestmark = pytest.mark.slow
 def _launch(spec_path: Path, storage: str, *args: str, timeout: float = 240
             ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "search", "launch", str(spec_path), "--storage", storage,
-         "--no-progress", *args],
+        search_command("launch", str(spec_path), "--storage", storage, "--no-progress", *args),
         capture_output=True, text=True, timeout=timeout, cwd=spec_path.parent, env=cli_env())
 
 
-def _check_exact_study(storage: str, name: str, n: int) -> optuna.Study:
-    study = optuna.load_study(study_name=name, storage=open_storage(storage))
-    states = Counter(t.state for t in study.trials)
-    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == n
-    assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0
-    numbers = [t.number for t in study.trials]
-    assert len(numbers) == len(set(numbers))
-    return study
+SECRET = "s3cr3t-Pa55"  # the local server trusts its roles: any password connects
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_launch_runs_exactly_n_trials_with_two_workers(
         backend: str, request: pytest.FixtureRequest, study_name: str, write_spec) -> None:
-    storage = (request.getfixturevalue("pg_url") if backend == "postgres"
+    storage = (make_url(request.getfixturevalue("pg_url")).set(password=SECRET)
+               .render_as_string(hide_password=False) if backend == "postgres"
                else request.getfixturevalue("sqlite_url"))
     spec_path = write_spec(base_spec(study_name, n_trials=20, epochs=3))
     result = _launch(spec_path, storage, "--n-trials", "7", "--workers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Best trial" in result.stdout
-    study = _check_exact_study(storage, study_name, 7)
+    study = assert_exact_budget(storage, study_name, 7)
     assert study.user_attrs["spec"]["name"] == study_name
     assert study.user_attrs["n_trials"] == 7
     workers = {t.user_attrs["worker"] for t in study.trials}
@@ -60,6 +54,10 @@ def test_launch_runs_exactly_n_trials_with_two_workers(
         assert [r["epoch"] for r in rows] == sorted(trial.intermediate_values)
         assert {"val_accuracy", "train_loss", "lr", "grad_norm", "epoch_seconds"} <= set(rows[0])
     assert "password" not in result.stderr
+    logs = [p.read_text() for p in (spec_path.parent / "search-logs").rglob("*") if p.is_file()]
+    assert logs, "the workers wrote logs"
+    for text in [result.stdout, result.stderr, *logs]:
+        assert SECRET not in text
 
 
 def test_launch_continues_an_existing_study(sqlite_url: str, study_name: str, write_spec) -> None:
@@ -67,7 +65,7 @@ def test_launch_continues_an_existing_study(sqlite_url: str, study_name: str, wr
     assert _launch(spec_path, sqlite_url, "--n-trials", "3", "--workers", "1").returncode == 0
     again = _launch(spec_path, sqlite_url, "--n-trials", "5", "--workers", "1")
     assert again.returncode == 0, again.stderr[-2000:]
-    _check_exact_study(sqlite_url, study_name, 5)
+    assert_exact_budget(sqlite_url, study_name, 5)
 
 
 def test_conflicting_spec_on_existing_study_is_refused(sqlite_url: str, study_name: str,
@@ -86,15 +84,15 @@ def test_user_objective_study_from_the_repo(sqlite_url: str) -> None:
     result = _launch(REPO / "studies" / "quadratic_user.yaml", sqlite_url, "--n-trials", "6",
                      "--workers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    _check_exact_study(sqlite_url, "quadratic-user", 6)
+    assert_exact_budget(sqlite_url, "quadratic-user", 6)
 
 
 def test_status_json_for_scripts(sqlite_url: str, study_name: str, write_spec) -> None:
     spec_path = write_spec(sleepy_spec(study_name, n_trials=3, epochs=1))
     assert _launch(spec_path, sqlite_url, "--workers", "1").returncode == 0
-    out = subprocess.run([sys.executable, "-m", "search", "status", study_name, "--storage",
-                          sqlite_url, "--json"], capture_output=True, text=True, env=cli_env(),
-                         timeout=60, check=True).stdout
+    out = subprocess.run(search_command("status", study_name, "--storage", sqlite_url, "--json"),
+                         capture_output=True, text=True, env=cli_env(), timeout=60,
+                         check=True).stdout
     data = json.loads(out)
     assert data["counts"]["COMPLETE"] + data["counts"]["PRUNED"] == 3
     assert data["n_trials"] == 3 and set(data["best_params"]) == {"x"}
@@ -174,7 +172,7 @@ def test_stopping_one_launcher_leaves_another_launchers_trials_alone(
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=120) == 130, first_err.read_text()[-3000:]
     assert second.wait(timeout=240) == 0, second_err.read_text()[-3000:]
-    study = _check_exact_study(pg_url, study_name, 6)
+    study = assert_exact_budget(pg_url, study_name, 6)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert [t.user_attrs["fail_reason"] for t in failed] == ["preempted"], (
         "only the stopped launcher's own trial is handed back")
@@ -194,7 +192,7 @@ def test_a_worker_that_exits_after_every_trial_is_restarted_until_the_budget(
                                     SEARCH_TEST_EXIT_CODE=str(exit_code),
                                     SEARCH_TEST_EPOCH_SECONDS="0.1")
     assert process.wait(timeout=240) == 0, stderr.read_text()[-3000:]
-    _check_exact_study(sqlite_url, study_name, 5)
+    assert_exact_budget(sqlite_url, study_name, 5)
     log = stderr.read_text()
     if exit_code == 75:
         assert "asked to be replaced" in log and "crashed" not in log
@@ -209,7 +207,7 @@ def test_a_worker_stopped_by_someone_else_is_restarted(
     (live,) = _wait_for(lambda: _running(sqlite_url, study_name), 90, "a running trial")
     os.kill(live.user_attrs["pid"], signal.SIGTERM)
     assert process.wait(timeout=240) == 0, stderr.read_text()[-3000:]
-    study = _check_exact_study(sqlite_url, study_name, 3)
+    study = assert_exact_budget(sqlite_url, study_name, 3)
     assert "exited while the study is not done" in stderr.read_text()
     assert len({t.user_attrs["pid"] for t in study.trials}) == 2, "a fresh worker took over"
 
@@ -268,7 +266,7 @@ def test_workers_are_recycled_after_recycle_after_trials(
     process, stderr = _popen_launch(write_spec(spec), sqlite_url, "--workers", "1",
                                     SEARCH_TEST_EPOCH_SECONDS="0.1")
     assert process.wait(timeout=240) == 0, stderr.read_text()[-3000:]
-    study = _check_exact_study(sqlite_url, study_name, 3)
+    study = assert_exact_budget(sqlite_url, study_name, 3)
     assert len({t.user_attrs["pid"] for t in study.trials}) == 3, "a fresh process per trial"
     assert stderr.read_text().count("asked to be replaced") >= 2
     assert "crashed" not in stderr.read_text()

@@ -13,13 +13,13 @@ import pytest
 from conftest import REPO, base_spec
 from optuna.trial import TrialState
 
-from search.reporter import Reporter
 from search.pruning import (
     DivergencePruner,
     TrendPruner,
     default_pruner,
     make_pruner,
 )
+from search.reporter import Reporter
 from search.spec import spec_from_dict
 
 NAN, INF = math.nan, math.inf

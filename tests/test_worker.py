@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
 import sqlalchemy
-from conftest import cli_env, sleepy_spec
+from conftest import (
+    assert_exact_budget,
+    load_trials,
+    running_with_epochs,
+    sleepy_spec,
+    start_worker,
+    wait_for,
+    worker_log,
+)
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from tcp_proxy import TcpProxy
@@ -30,59 +34,16 @@ def _create(url: str, spec: dict) -> optuna.Study:
     return create_or_load_study(spec_from_dict(spec), open_storage(url))
 
 
-def _worker(
-    name: str, url: str, tmp_path: Path, worker_id: str, *extra: str, epoch_seconds: float = 0.3
-) -> subprocess.Popen[bytes]:
-    log = (tmp_path / f"{worker_id}.log").open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "search", "worker", name, "--worker-id", worker_id, *extra],
-        env=cli_env(url, SEARCH_TEST_EPOCH_SECONDS=str(epoch_seconds)),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def _wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
-
-
-def _running_with_epochs(url: str, name: str, epochs: int) -> optuna.trial.FrozenTrial | None:
-    for trial in _trials(url, name):
-        if trial.state == TrialState.RUNNING and len(trial.intermediate_values) >= epochs:
-            return trial
-    return None
-
-
-def _assert_exact(url: str, name: str, n: int) -> list[optuna.trial.FrozenTrial]:
-    trials = _trials(url, name)
-    states = Counter(t.state for t in trials)
-    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == n, states
-    assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0, states
-    return trials
-
-
-def _log(tmp_path: Path, worker_id: str) -> str:
-    return (tmp_path / f"{worker_id}.log").read_text()
-
-
 def test_four_workers_finish_exactly_n_with_distinct_params(
     pg_url: str, study_name: str, tmp_path: Path
 ) -> None:
     _create(pg_url, sleepy_spec(study_name, n_trials=13, epochs=2))
-    workers = [_worker(study_name, pg_url, tmp_path, f"w{i}", epoch_seconds=0.1) for i in range(4)]
+    workers = [
+        start_worker(study_name, pg_url, tmp_path, f"w{i}", epoch_seconds=0.1) for i in range(4)
+    ]
     codes = [w.wait(timeout=180) for w in workers]
-    assert codes == [0, 0, 0, 0], [_log(tmp_path, f"w{i}")[-2000:] for i in range(4)]
-    trials = _assert_exact(pg_url, study_name, 13)
+    assert codes == [0, 0, 0, 0], [worker_log(tmp_path, f"w{i}")[-2000:] for i in range(4)]
+    trials = assert_exact_budget(pg_url, study_name, 13).trials
     assert len(trials) == 13, "no surplus trial was started"
     assert len({t.params["x"] for t in trials}) == 13, "seeded workers repeated parameters"
     assert len({t.user_attrs["worker"] for t in trials}) >= 3
@@ -102,26 +63,26 @@ def test_kill_9_mid_trial_is_reaped_and_resumed_from_checkpoint(
         ),
     )
     ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt")]
-    victim = _worker(study_name, pg_url, tmp_path, "victim", *ckpt, epoch_seconds=0.5)
-    doomed = _wait_for(
-        lambda: _running_with_epochs(pg_url, study_name, 3), 60, "a trial 3 epochs in"
+    victim = start_worker(study_name, pg_url, tmp_path, "victim", *ckpt, epoch_seconds=0.5)
+    doomed = wait_for(
+        lambda: running_with_epochs(pg_url, study_name, 3), 60, "a trial 3 epochs in"
     )
     assert isinstance(doomed, optuna.trial.FrozenTrial)
     os.kill(victim.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     victim.wait()
-    rescuer = _worker(study_name, pg_url, tmp_path, "rescuer", *ckpt, epoch_seconds=0.5)
+    rescuer = start_worker(study_name, pg_url, tmp_path, "rescuer", *ckpt, epoch_seconds=0.5)
 
     def failed() -> bool:
         return any(
             t.number == doomed.number and t.state == TrialState.FAIL
-            for t in _trials(pg_url, study_name)
+            for t in load_trials(pg_url, study_name)
         )
 
-    _wait_for(failed, 60, "the killed trial to be failed")
+    wait_for(failed, 60, "the killed trial to be failed")
     assert time.monotonic() - killed_at < grace + 8, "reaped within the grace period (+ start)"
-    assert rescuer.wait(timeout=120) == 0, _log(tmp_path, "rescuer")[-3000:]
-    trials = _assert_exact(pg_url, study_name, 3)
+    assert rescuer.wait(timeout=120) == 0, worker_log(tmp_path, "rescuer")[-3000:]
+    trials = assert_exact_budget(pg_url, study_name, 3).trials
     retry = next(t for t in trials if t.user_attrs.get("retry_of") == doomed.number)
     assert retry.state == TrialState.COMPLETE
     assert retry.params == doomed.params
@@ -137,13 +98,13 @@ def test_worker_survives_its_live_trial_being_failed_by_another_process(
     pg_url: str, study_name: str, tmp_path: Path
 ) -> None:
     _create(pg_url, sleepy_spec(study_name, n_trials=3, epochs=5))
-    worker = _worker(study_name, pg_url, tmp_path, "w", epoch_seconds=0.4)
-    live = _wait_for(lambda: _running_with_epochs(pg_url, study_name, 1), 60, "a running trial")
+    worker = start_worker(study_name, pg_url, tmp_path, "w", epoch_seconds=0.4)
+    live = wait_for(lambda: running_with_epochs(pg_url, study_name, 1), 60, "a running trial")
     assert isinstance(live, optuna.trial.FrozenTrial)
     open_storage(pg_url).set_trial_state_values(live._trial_id, TrialState.FAIL)
-    assert worker.wait(timeout=120) == 0, _log(tmp_path, "w")[-3000:]
-    assert f"Trial {live.number} dropped" in _log(tmp_path, "w")
-    _assert_exact(pg_url, study_name, 3)
+    assert worker.wait(timeout=120) == 0, worker_log(tmp_path, "w")[-3000:]
+    assert f"Trial {live.number} dropped" in worker_log(tmp_path, "w")
+    assert_exact_budget(pg_url, study_name, 3)
 
 
 def test_sigterm_checkpoints_hands_the_trial_back_and_exits_0(
@@ -151,14 +112,14 @@ def test_sigterm_checkpoints_hands_the_trial_back_and_exits_0(
 ) -> None:
     _create(pg_url, sleepy_spec(study_name, n_trials=2, epochs=6))
     ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt")]
-    worker = _worker(study_name, pg_url, tmp_path, "w", *ckpt, epoch_seconds=0.5)
-    live = _wait_for(lambda: _running_with_epochs(pg_url, study_name, 2), 60, "a running trial")
+    worker = start_worker(study_name, pg_url, tmp_path, "w", *ckpt, epoch_seconds=0.5)
+    live = wait_for(lambda: running_with_epochs(pg_url, study_name, 2), 60, "a running trial")
     assert isinstance(live, optuna.trial.FrozenTrial)
     began = time.monotonic()
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     assert time.monotonic() - began < 10, "stopped at the next epoch boundary"
-    trials = _trials(pg_url, study_name)
+    trials = load_trials(pg_url, study_name)
     handed = next(t for t in trials if t.number == live.number)
     assert handed.state == TrialState.FAIL
     assert handed.user_attrs["fail_reason"] == "preempted"
@@ -166,9 +127,9 @@ def test_sigterm_checkpoints_hands_the_trial_back_and_exits_0(
         TrialState.WAITING
     ]
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    follower = _worker(study_name, pg_url, tmp_path, "w2", *ckpt, epoch_seconds=0.2)
-    assert follower.wait(timeout=120) == 0, _log(tmp_path, "w2")[-3000:]
-    trials = _assert_exact(pg_url, study_name, 2)
+    follower = start_worker(study_name, pg_url, tmp_path, "w2", *ckpt, epoch_seconds=0.2)
+    assert follower.wait(timeout=120) == 0, worker_log(tmp_path, "w2")[-3000:]
+    trials = assert_exact_budget(pg_url, study_name, 2).trials
     retry = next(t for t in trials if t.user_attrs.get("retry_of") == live.number)
     assert retry.user_attrs["resumed_from_epoch"] >= 2
 
@@ -182,10 +143,10 @@ def test_terminated_connections_and_a_short_outage_do_not_kill_workers(
     via_proxy = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     _create(via_proxy, sleepy_spec(study_name, n_trials=8, epochs=3))
     workers = [
-        _worker(study_name, via_proxy, tmp_path, f"w{i}", epoch_seconds=0.3) for i in range(2)
+        start_worker(study_name, via_proxy, tmp_path, f"w{i}", epoch_seconds=0.3) for i in range(2)
     ]
     try:
-        _wait_for(lambda: _running_with_epochs(pg_url, study_name, 1), 60, "a running trial")
+        wait_for(lambda: running_with_epochs(pg_url, study_name, 1), 60, "a running trial")
         engine = sqlalchemy.create_engine(normalize_url(pg_url))
         with engine.connect() as connection:
             killed = connection.execute(
@@ -204,8 +165,8 @@ def test_terminated_connections_and_a_short_outage_do_not_kill_workers(
         codes = [w.wait(timeout=180) for w in workers]
     finally:
         proxy.stop()
-    assert codes == [0, 0], [_log(tmp_path, f"w{i}")[-3000:] for i in range(2)]
-    _assert_exact(pg_url, study_name, 8)
+    assert codes == [0, 0], [worker_log(tmp_path, f"w{i}")[-3000:] for i in range(2)]
+    assert_exact_budget(pg_url, study_name, 8)
 
 
 def test_out_of_memory_is_recorded_infeasible_and_not_retried(
@@ -222,9 +183,9 @@ def test_out_of_memory_is_recorded_infeasible_and_not_retried(
         space={"batch_size": {"choices": [16, 64]}, "width": {"choices": [64]}},
     )
     _create(pg_url, spec)
-    worker = _worker(study_name, pg_url, tmp_path, "w")
-    assert worker.wait(timeout=120) == 0, _log(tmp_path, "w")[-3000:]
-    trials = _assert_exact(pg_url, study_name, 7)
+    worker = start_worker(study_name, pg_url, tmp_path, "w")
+    assert worker.wait(timeout=120) == 0, worker_log(tmp_path, "w")[-3000:]
+    trials = assert_exact_budget(pg_url, study_name, 7).trials
     failed = [t for t in trials if t.state == TrialState.FAIL]
     oom = [t for t in failed if t.user_attrs["fail_reason"] == "oom"]
     assert len(oom) == 1, "the first OOM is run; larger configs are skipped afterwards"
@@ -235,7 +196,7 @@ def test_out_of_memory_is_recorded_infeasible_and_not_retried(
             assert trial.user_attrs["fail_reason"].startswith("oom-skip")
             assert trial.params["batch_size"] >= 64
             assert trial.params["width"] >= oom[0].params["width"]
-    assert "ran out of memory" in _log(tmp_path, "w")
+    assert "ran out of memory" in worker_log(tmp_path, "w")
 
 
 def test_out_of_memory_retried_with_accumulation_keeps_the_batch_size(
@@ -253,9 +214,9 @@ def test_out_of_memory_retried_with_accumulation_keeps_the_batch_size(
         workers={"heartbeat_interval": 1, "grace_period": 4, "oom_grad_accumulation": True},
     )
     _create(pg_url, spec)
-    worker = _worker(study_name, pg_url, tmp_path, "w")
-    assert worker.wait(timeout=120) == 0, _log(tmp_path, "w")[-3000:]
-    trials = _assert_exact(pg_url, study_name, 2)
+    worker = start_worker(study_name, pg_url, tmp_path, "w")
+    assert worker.wait(timeout=120) == 0, worker_log(tmp_path, "w")[-3000:]
+    trials = assert_exact_budget(pg_url, study_name, 2).trials
     first = trials[0]
     assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "oom"
     # 256 → micro-batches of 128 still run out; the next retry halves again to 64 and fits.
@@ -273,11 +234,11 @@ def test_an_objective_that_always_fails_stops_the_worker_with_one_line(
     spec = sleepy_spec(study_name, n_trials=20, objective={"function": "objectives:broken"})
     spec["workers"] = {**spec["workers"], "max_failures": 3}
     _create(pg_url, spec)
-    worker = _worker(study_name, pg_url, tmp_path, "w")
+    worker = start_worker(study_name, pg_url, tmp_path, "w")
     assert worker.wait(timeout=60) == 2
-    log = _log(tmp_path, "w")
+    log = worker_log(tmp_path, "w")
     assert "Error: 3 trials failed with errors (max_failures=3); the last: error: KeyError" in log
-    trials = _trials(pg_url, study_name)
+    trials = load_trials(pg_url, study_name)
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
 
 
@@ -287,17 +248,17 @@ def test_a_restarted_worker_with_the_same_name_repeats_no_parameters(
     # The sampler is seeded per trial (spec seed, trial number), not by the worker's name:
     # a seeded random sampler would otherwise replay its predecessor's draws exactly.
     _create(pg_url, sleepy_spec(study_name, n_trials=10, epochs=2, sampler={"type": "random"}))
-    first = _worker(study_name, pg_url, tmp_path, "w0", epoch_seconds=0.2)
-    _wait_for(
-        lambda: sum(t.state == TrialState.COMPLETE for t in _trials(pg_url, study_name)) >= 3,
+    first = start_worker(study_name, pg_url, tmp_path, "w0", epoch_seconds=0.2)
+    wait_for(
+        lambda: sum(t.state == TrialState.COMPLETE for t in load_trials(pg_url, study_name)) >= 3,
         90,
         "three finished trials",
     )
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    again = _worker(study_name, pg_url, tmp_path, "w0", epoch_seconds=0.2)
-    assert again.wait(timeout=180) == 0, _log(tmp_path, "w0")[-3000:]
-    trials = _assert_exact(pg_url, study_name, 10)
+    again = start_worker(study_name, pg_url, tmp_path, "w0", epoch_seconds=0.2)
+    assert again.wait(timeout=180) == 0, worker_log(tmp_path, "w0")[-3000:]
+    trials = assert_exact_budget(pg_url, study_name, 10).trials
     fresh = [t.params["x"] for t in trials if "retry_of" not in t.user_attrs]
     assert len(fresh) == len(set(fresh)), "a restart replayed parameters"
     assert len({t.user_attrs["pid"] for t in trials if "pid" in t.user_attrs}) == 2
@@ -307,10 +268,10 @@ def test_a_worker_holds_one_database_connection(
     pg_url: str, study_name: str, tmp_path: Path
 ) -> None:
     _create(pg_url, sleepy_spec(study_name, n_trials=3, epochs=8))
-    worker = _worker(study_name, pg_url, tmp_path, "w", epoch_seconds=0.3)
+    worker = start_worker(study_name, pg_url, tmp_path, "w", epoch_seconds=0.3)
     engine = sqlalchemy.create_engine(normalize_url(pg_url))
     try:
-        _wait_for(lambda: _running_with_epochs(pg_url, study_name, 1), 60, "a running trial")
+        wait_for(lambda: running_with_epochs(pg_url, study_name, 1), 60, "a running trial")
         held = []
         with engine.connect() as connection:
             for _ in range(40):
@@ -321,4 +282,4 @@ def test_a_worker_holds_one_database_connection(
         assert max(held) == 1, held
     finally:
         engine.dispose()
-    assert worker.wait(timeout=120) == 0, _log(tmp_path, "w")[-3000:]
+    assert worker.wait(timeout=120) == 0, worker_log(tmp_path, "w")[-3000:]

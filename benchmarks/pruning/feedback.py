@@ -32,8 +32,8 @@ from rich.console import Console
 from rich.table import Table
 
 from search.exceptions import EarlyStopped
-from search.reporter import Reporter
 from search.pruning import DivergencePruner, TrendPruner
+from search.reporter import Reporter
 from search.spec import spec_from_dict
 from search.trainable import train
 

@@ -1,4 +1,4 @@
-"""How trials end (search/record.py's table, search/ending.py): broken objectives, real workers."""
+"""Ending trials as the outcome table says (search/ending.py): broken objectives, real workers."""
 
 from __future__ import annotations
 
@@ -12,35 +12,9 @@ import pytest
 from conftest import cli_env, sleepy_spec
 from optuna.trial import TrialState
 
-from search.record import OUTCOMES, Outcome, consequence
 from search.spec import spec_from_dict
 from search.storage import open_storage
 from search.study import create_or_load_study
-
-
-def test_every_outcome_has_a_consequence() -> None:
-    assert set(OUTCOMES) == set(Outcome)
-
-
-@pytest.mark.parametrize(
-    ("outcome", "retried", "counts_retry", "counts_failure"),
-    [
-        (Outcome.PREEMPTED, True, False, False),
-        (Outcome.INTERRUPTED, True, False, False),
-        (Outcome.HEARTBEAT_LOST, True, True, False),
-        (Outcome.OUT_OF_MEMORY, False, False, False),
-        (Outcome.OBJECTIVE_ERROR, False, False, True),
-        (Outcome.UNUSABLE_RESULT, False, False, True),
-        (Outcome.TIMED_OUT, True, True, True),
-    ],
-)
-def test_the_table_says_what_each_failure_means(
-    outcome: Outcome, retried: bool, counts_retry: bool, counts_failure: bool
-) -> None:
-    rule = consequence(outcome)
-    assert rule.state == TrialState.FAIL
-    assert (rule.retried, rule.counts_retry, rule.counts_failure) == (
-        retried, counts_retry, counts_failure)
 
 
 def _run(url: str, name: str, tmp_path: Path, function: str, **spec: object
