@@ -115,3 +115,41 @@ def test_note_intermediate_reaches_optunas_pruners(study: optuna.Study) -> None:
     trial = study.ask()
     optuna_compat.note_intermediate(trial, 3, 0.25)
     assert trial._get_latest_trial().intermediate_values == {3: 0.25}
+
+
+def test_database_now_is_the_clock_heartbeats_use(study: optuna.Study) -> None:
+    trial = study.ask()
+    storage = optuna_compat.storage_of(study)
+    optuna_compat.rdb(storage).record_heartbeat(optuna_compat.trial_id(trial))
+    beat = optuna_compat.heartbeats(storage, [optuna_compat.trial_id(trial)])
+    now = optuna_compat.database_now(storage)
+    assert 0 <= (now - beat[optuna_compat.trial_id(trial)]).total_seconds() < 60
+
+
+def test_show_long_attributes_lifts_optuna_dashboards_cut() -> None:
+    from optuna_dashboard import _serializer
+
+    optuna_compat.show_long_attributes()
+    long = {"epoch_metrics": "x" * 5000}
+    assert _serializer.serialize_attrs(long) == [{"key": "epoch_metrics", "value": "x" * 5000}]
+
+
+def test_recent_trials_keeps_the_latest_finished_and_every_running_trial() -> None:
+    study = optuna.create_study()
+    for value in range(6):
+        study.tell(study.ask(), float(value))
+    running = study.ask()
+    recent = optuna_compat.RecentTrials(study, 3)
+    assert [t.number for t in recent._get_trials(deepcopy=False)] == [3, 4, 5, running.number]
+    assert recent.direction == study.direction, "everything else is the study itself"
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        optuna_compat.RecentTrials(study, 0)
+
+
+def test_the_recent_tpe_sampler_samples_from_a_windowed_study() -> None:
+    from search.study import RecentTPESampler
+
+    study = optuna.create_study(sampler=RecentTPESampler(seed=0, n_startup_trials=2,
+                                                         constant_liar=True, multivariate=True))
+    study.optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.5) ** 2, n_trials=15)
+    assert study.best_value < 0.05
