@@ -125,3 +125,14 @@ def boom(params: dict[str, Any], device: str, report: Any) -> None:
     """Raises after one epoch."""
     report(1, {"val_loss": 1.0})
     raise RuntimeError("boom")
+
+
+def saves_big(params: dict[str, Any], device: str, report: Any, checkpoint: Any = None,
+              epochs: int = 2) -> None:
+    """Checkpoints 4 MB of weights each epoch (fills a small checkpoint folder)."""
+    import torch
+
+    for epoch in range(epochs):
+        if checkpoint is not None:
+            checkpoint.save({"epoch": epoch + 1, "w": torch.zeros(1_000_000)})
+        report(epoch + 1, {"val_loss": float(params["x"]) ** 2 + 1.0 / (epoch + 1)})
