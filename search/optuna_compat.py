@@ -357,6 +357,11 @@ def schema_problem(storage: optuna.storages.BaseStorage) -> str | None:
     return f"its schema ({current}) is newer than this Optuna knows ({head}); upgrade optuna"
 
 
+def latest_trial(trial: optuna.Trial) -> FrozenTrial:
+    """The frozen view of a live trial that `Trial.should_prune` hands to a pruner."""
+    return trial._get_latest_trial()
+
+
 def note_intermediate(trial: optuna.Trial, step: int, value: float) -> None:
     """Mirror an intermediate value written outside `Trial.report` into the live trial's
     cache, where `Trial.should_prune` hands it to Optuna's pruners."""

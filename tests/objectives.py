@@ -127,6 +127,17 @@ def boom(params: dict[str, Any], device: str, report: Any) -> None:
     raise RuntimeError("boom")
 
 
+def saves_big(params: dict[str, Any], device: str, report: Any, checkpoint: Any = None,
+              epochs: int = 2) -> None:
+    """Checkpoints 4 MB of weights each epoch (fills a small checkpoint folder)."""
+    import torch
+
+    for epoch in range(epochs):
+        if checkpoint is not None:
+            checkpoint.save({"epoch": epoch + 1, "w": torch.zeros(1_000_000)})
+        report(epoch + 1, {"val_loss": float(params["x"]) ** 2 + 1.0 / (epoch + 1)})
+
+
 def exit_once(params: dict[str, Any], device: str, report: Any, epochs: int = 3) -> None:
     """Like `env_probe`, but the first trial to reach epoch 2 kills its own process (a crash:
     no hand-back, no exception), once per directory named by SEARCH_TEST_CRASH_DIR."""

@@ -257,3 +257,16 @@ def test_a_gpu_this_machine_lacks_is_refused_up_front(
         "Error: --gpus 0: this machine has no GPU 0 (GPUs visible here: none; from "
         "CUDA_VISIBLE_DEVICES, else nvidia-smi)"]
     assert optuna.get_all_study_summaries(open_storage(sqlite_url)) == []
+
+
+def test_workers_are_recycled_after_recycle_after_trials(
+        sqlite_url: str, study_name: str, write_spec) -> None:
+    spec = sleepy_spec(study_name, n_trials=3, epochs=1,
+                       workers={"heartbeat_interval": 1, "grace_period": 4, "recycle_after": 1})
+    process, stderr = _popen_launch(write_spec(spec), sqlite_url, "--workers", "1",
+                                    SEARCH_TEST_EPOCH_SECONDS="0.1")
+    assert process.wait(timeout=240) == 0, stderr.read_text()[-3000:]
+    study = assert_exact_budget(sqlite_url, study_name, 3)
+    assert len({t.user_attrs["pid"] for t in study.trials}) == 3, "a fresh process per trial"
+    assert stderr.read_text().count("asked to be replaced") >= 2
+    assert "crashed" not in stderr.read_text()
