@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import optuna
 import pytest
 import yaml
-from conftest import REPO, TESTS, cli_env, sleepy_spec
+from conftest import REPO, TESTS, cli_env, exact_trials, sleepy_spec, wait_for
 from optuna.trial import FrozenTrial, TrialState
 
 from search import record
@@ -177,22 +176,8 @@ def _node_of(trial: FrozenTrial) -> str | None:
     return str(worker).split("-")[1] if worker else None
 
 
-def _check_exact(study: optuna.Study, n: int) -> list[FrozenTrial]:
-    trials = study.get_trials()
-    states = Counter(t.state for t in trials)
-    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == n
-    assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0
-    return trials
-
-
 def _wait_for(condition: Callable[[], Any], what: str, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(condition, timeout, what)
 
 
 def _fleet_in_background(fleet: RayFleet) -> tuple[threading.Thread, list[Any]]:
@@ -231,7 +216,7 @@ def test_study_ends_at_exactly_n_with_one_actor_per_gpu_on_distinct_devices(
     fleet = RayFleet(study, pg_url)
     final = fleet.run(poll=0.5)
     assert final.done and final.finished == 8
-    trials = _check_exact(study, 8)
+    trials = exact_trials(study, 8)
     nodes = _alive_node_ids()
     assert len(nodes) == 2
     assert len(fleet.actors) == 2 * GPUS_PER_NODE, fleet.actors
@@ -252,7 +237,7 @@ def test_crashed_actor_is_restarted_in_place_and_its_trial_retried(
                    objective={"function": "objectives:exit_once"})
     fleet = RayFleet(study, pg_url, max_workers=2)
     assert fleet.run(poll=0.5).done
-    trials = _check_exact(study, 6)
+    trials = exact_trials(study, 6)
     crashed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(crashed) == 1
     assert crashed[0].user_attrs[record.FAIL_REASON] == record.Outcome.HEARTBEAT_LOST.value
@@ -275,7 +260,7 @@ def test_recycled_actor_is_replaced_by_a_fresh_one_on_its_gpu(
                    workers={"heartbeat_interval": 1, "grace_period": 4, "recycle_after": 1})
     fleet = RayFleet(study, pg_url, max_workers=2)
     assert fleet.run(poll=0.5).done
-    trials = _check_exact(study, 4)
+    trials = exact_trials(study, 4)
     assert not fleet.failures
     processes = Counter((t.user_attrs[record.WORKER], t.user_attrs[record.PID]) for t in trials)
     assert set(processes.values()) == {1}, "one trial per actor process"
@@ -301,7 +286,7 @@ def test_node_joining_mid_study_gets_actors(
     finally:
         hold_file.unlink()
     _finish(thread, outcome)
-    trials = _check_exact(study, 12)
+    trials = exact_trials(study, 12)
     newcomers = [a for a in fleet.actors.values() if a.node_id == joined]
     assert sorted(a.cuda_visible_devices for a in newcomers) == ["0", "1"]
     on_new_node = {t.user_attrs[record.WORKER] for t in trials if _node_of(t) == joined[:8]}
@@ -328,7 +313,7 @@ def test_lost_node_trials_are_retried_on_the_others_with_nothing_lost(
     cluster.remove_node(victim, allow_graceful=False)  # kill -9 its raylet and workers
     _finish(thread, outcome)
     assert victim.node_id not in _alive_node_ids()
-    trials = _check_exact(study, 12)
+    trials = exact_trials(study, 12)
     by_number = {t.number: t for t in trials}
     for number in lost:
         assert by_number[number].state == TrialState.FAIL
@@ -375,7 +360,7 @@ def test_cli_driver_killed_and_started_again_continues_the_study(
                            text=True, timeout=240)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert "Best trial" in again.stdout
-    trials = _check_exact(study, 8)
+    trials = exact_trials(study, 8)
     by_number = {t.number: t for t in trials}
     for number in interrupted:
         assert by_number[number].state == TrialState.FAIL

@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +21,8 @@ from typing import Any
 import optuna
 import pytest
 import yaml
-from conftest import REPO, cli_env, sleepy_spec
-from optuna.trial import FrozenTrial, TrialState
+from conftest import REPO, cli_env, exact_trials, sleepy_spec, wait_for
+from optuna.trial import TrialState
 from system_tools import require
 
 from search import record
@@ -71,22 +70,8 @@ def _sbatch(env: dict[str, str], tmp_path: Path, study: str, *options: str
         capture_output=True, text=True, env=env, timeout=600)
 
 
-def _check_exact(study: optuna.Study, n: int) -> list[FrozenTrial]:
-    trials = study.get_trials()
-    states = Counter(t.state for t in trials)
-    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == n
-    assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0
-    return trials
-
-
 def _wait_for(condition: Callable[[], Any], what: str, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(condition, timeout, what)
 
 
 def _queue(env: dict[str, str], job: str) -> dict[str, str]:
@@ -106,7 +91,7 @@ def test_array_runs_the_study_to_exactly_n_trials_one_gpu_per_task(
     logs = {p.name: p.read_text() for p in tmp_path.glob("task-*.out")}
     assert submitted.returncode == 0, submitted.stderr + str(logs)
     job = submitted.stdout.strip().split(";")[0]
-    trials = _check_exact(study, 6)
+    trials = exact_trials(study, 6)
     assert sorted(logs) == ["task-0.out", "task-1.out", "task-2.out"]
     placed = [re.search(r"GPU (\S+) of the node, CUDA_VISIBLE_DEVICES=(\S+)", text)
               for text in logs.values()]
@@ -163,7 +148,7 @@ def test_preempted_and_requeued_tasks_hand_their_trials_back(
         _wait_for(lambda: not _queue(env, job), "the array to finish", 240)
     finally:
         subprocess.run(["scancel", job], env=env, check=False)
-    trials = _check_exact(study, 6)
+    trials = exact_trials(study, 6)
     by_number = {t.number: t for t in trials}
     for number in (cancelled, requeued):
         trial = by_number[number]
