@@ -26,8 +26,9 @@ if TYPE_CHECKING:
         TrialLost,
     )
     from search.pruning import DivergencePruner, TrendPruner, default_pruner
+    from search.resumption import RunResult, launch, resume
     from search.spec import StudySpec, load_spec
-    from search.storage import mask_url, open_storage, resolve_storage_url
+    from search.storage import mask_url, open_storage, open_storage_read_only, resolve_storage_url
     from search.study import create_or_load_study, create_or_update_study, load_study
 
 __version__ = "0.1.0"
@@ -57,7 +58,11 @@ _HOMES = {
     "load_study": "search.study",
     "mask_url": "search.storage",
     "open_storage": "search.storage",
+    "open_storage_read_only": "search.storage",
     "resolve_storage_url": "search.storage",
+    "RunResult": "search.resumption",
+    "launch": "search.resumption",  # the function; `search/launch.py` stays importable
+    "resume": "search.resumption",
 }
 
 __all__ = [
@@ -69,6 +74,7 @@ __all__ = [
     "EarlyStopped",
     "ObjectiveError",
     "Preempted",
+    "RunResult",
     "SearchError",
     "SpecError",
     "StopTrial",
@@ -81,11 +87,14 @@ __all__ = [
     "create_or_load_study",
     "create_or_update_study",
     "default_pruner",
+    "launch",
     "load_spec",
     "load_study",
     "mask_url",
     "open_storage",
+    "open_storage_read_only",
     "resolve_storage_url",
+    "resume",
 ]
 
 

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy
@@ -29,7 +30,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from search import optuna_compat, record
-from search.storage import retry_transient
+from search.transient import retry_transient
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class BudgetState:
 def budget_state(study: optuna.Study) -> BudgetState:
     """Count the study's trials per state (in the database) against its stored budget."""
     storage = optuna_compat.storage_of(study)
-    counts = count_states(storage, optuna_compat.study_id(study))
+    counts = optuna_compat.count_states(storage, optuna_compat.study_id(study))
     return BudgetState(
         n_trials=int(study.user_attrs.get(BUDGET_ATTR, 0)),
         complete=counts.get(TrialState.COMPLETE.name, 0),
@@ -83,12 +84,10 @@ def claim(study: optuna.Study) -> optuna.Trial | None:
     """Claim the study's next trial in one transaction; None when the budget has no slot."""
     storage = optuna_compat.storage_of(study)
     budget = int(study.user_attrs.get(BUDGET_ATTR, 0))
-    claimed = _claim_trial(storage, optuna_compat.study_id(study), budget)
+    claimed = optuna_compat.claim_trial(storage, optuna_compat.study_id(study), budget)
     return None if claimed is None else optuna_compat.adopt_trial(study, claimed)
 
 
-count_states = retry_transient(optuna_compat.count_states)
-_claim_trial = retry_transient(optuna_compat.claim_trial)
 
 
 @contextlib.contextmanager
@@ -112,17 +111,41 @@ def _advisory_lock(engine: sqlalchemy.Engine, name: str) -> Iterator[None]:
         engine.url, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10}
     )
     try:
-        with own.connect() as connection:
-            # A transaction-level lock: released when this connection's transaction ends,
-            # even if the connection dies or sits behind a transaction-pooling PgBouncer.
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
-                    connection.rollback()
+        connection = _locked_connection(own, key)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
+                connection.rollback()
+                connection.close()
     finally:
         own.dispose()
+
+
+def _locked_connection(engine: sqlalchemy.Engine, key: int) -> sqlalchemy.Connection:
+    """A connection holding the transaction-level advisory lock `key` (released when its
+    transaction ends, even if the connection dies or sits behind a transaction-pooling
+    PgBouncer); a dropped connection while waiting is retried like every storage call."""
+
+    def lock(_: Any) -> sqlalchemy.Connection:
+        connection = engine.connect()
+        try:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    return retry_transient(lock)(_NoSession())
+
+
+class _NoSession:
+    """Stands in for a storage in `retry_transient`: there is no scoped session to reset."""
+
+    class scoped_session:
+        @staticmethod
+        def remove() -> None:
+            return None
 
 
 @contextlib.contextmanager

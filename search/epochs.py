@@ -17,7 +17,7 @@ import optuna
 import sqlalchemy as sa
 
 from search import optuna_compat
-from search.storage import retry_transient
+from search.transient import retry_transient
 
 METADATA = sa.MetaData()
 EPOCHS = sa.Table(
@@ -29,6 +29,7 @@ EPOCHS = sa.Table(
 )
 
 
+@retry_transient
 def ensure_table(storage: optuna.storages.BaseStorage) -> None:
     """Create the table if it is missing (writers only; readers cope without it)."""
     METADATA.create_all(optuna_compat.engine_of(storage), checkfirst=True)

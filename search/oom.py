@@ -16,7 +16,6 @@ from typing import Any
 import optuna
 
 from search import optuna_compat
-from search.budget import study_lock
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +90,13 @@ class OomRegistry:
         )
 
     def record(self, shape: dict[str, Any], trial_number: int) -> None:
-        with study_lock(self.study):
-            records = self.records()
-            records.append({**shape, "trial": trial_number})
-            optuna_compat.storage_of(self.study).set_study_system_attr(
-                optuna_compat.study_id(self.study), self.key, records
-            )
+        """Append the config to the study's records in one transaction (no lock held apart)."""
+        optuna_compat.append_study_system_attr(
+            optuna_compat.storage_of(self.study),
+            optuna_compat.study_id(self.study),
+            self.key,
+            {**shape, "trial": trial_number},
+        )
 
     def blocking_record(self, params: dict[str, Any]) -> dict[str, Any] | None:
         """The recorded OOM config that `params` is at least as large as (None: go ahead)."""

@@ -3,7 +3,9 @@
 `search` needs a little more than Optuna's public API: trial and study ids, the RDB storage
 behind Optuna's cache, its SQLAlchemy models and sessions, and heartbeat rows. Each such name
 is used here and nowhere else, and `tests/test_optuna_compat.py` pins every helper against the
-installed Optuna, so an Optuna upgrade breaks this one file.
+installed Optuna, so an Optuna upgrade breaks this one file. The service's own atomic steps
+(claiming a trial, failing one with its retry) live here too, each one transaction, retried
+on a dropped connection like every storage call.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial
+
+from search.transient import retry_transient
 
 if TYPE_CHECKING:
     import sqlalchemy
@@ -90,6 +94,7 @@ def stale_trial_ids(storage: optuna.storages.BaseStorage, study: optuna.Study) -
     return list(rdb(storage)._get_stale_trial_ids(study_id(study)))
 
 
+@retry_transient
 def heartbeats(
     storage: optuna.storages.BaseStorage, trial_ids: list[int]
 ) -> dict[int, datetime.datetime]:
@@ -124,6 +129,7 @@ def _lock_study_row(opened: Session, study: int) -> None:
     )
 
 
+@retry_transient
 def claim_trial(storage: optuna.storages.BaseStorage, study: int, budget: int) -> int | None:
     """Take the oldest WAITING trial, else create a RUNNING one while fewer than `budget`
     trials are finished, running or waiting; record its first heartbeat in the same step.
@@ -174,6 +180,7 @@ def adopt_trial(study: optuna.Study, claimed_id: int) -> optuna.Trial:
     return optuna.Trial(study, claimed_id)
 
 
+@retry_transient
 def fail_and_replace(
     storage: optuna.storages.BaseStorage,
     study: int,
@@ -205,6 +212,25 @@ def fail_and_replace(
         trial.state = TrialState.FAIL
         trial.datetime_complete = datetime.datetime.now()
     return True
+
+
+@retry_transient
+def append_study_system_attr(
+    storage: optuna.storages.BaseStorage, study: int, key: str, item: Any
+) -> None:
+    """Append `item` to the list in the study's system attribute `key`, in one transaction
+    that holds the study's row lock, so concurrent appends are never lost."""
+    import json
+
+    rdb_models = models()
+    attrs = rdb_models.StudySystemAttributeModel
+    with session(storage) as opened:
+        _lock_study_row(opened, study)
+        row = opened.query(attrs).filter(attrs.study_id == study, attrs.key == key).one_or_none()
+        if row is None:
+            opened.add(attrs(study_id=study, key=key, value_json=json.dumps([item])))
+        else:
+            row.value_json = json.dumps([*json.loads(row.value_json), item])
 
 
 def write_intermediate(
@@ -257,6 +283,7 @@ def _dialect_insert(opened: Session) -> Any:
     return postgresql.insert if opened.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
+@retry_transient
 def stale_running(
     storage: optuna.storages.BaseStorage, study: int, grace_period: float
 ) -> list[int]:
@@ -291,6 +318,7 @@ def stale_running(
     return stale
 
 
+@retry_transient
 def count_states(storage: optuna.storages.BaseStorage, study: int) -> dict[str, int]:
     """Trials of the study per state name, counted in the database."""
     import sqlalchemy as sa
@@ -329,12 +357,18 @@ def schema_problem(storage: optuna.storages.BaseStorage) -> str | None:
     return f"its schema ({current}) is newer than this Optuna knows ({head}); upgrade optuna"
 
 
+def latest_trial(trial: optuna.Trial) -> FrozenTrial:
+    """The frozen view of a live trial that `Trial.should_prune` hands to a pruner."""
+    return trial._get_latest_trial()
+
+
 def note_intermediate(trial: optuna.Trial, step: int, value: float) -> None:
     """Mirror an intermediate value written outside `Trial.report` into the live trial's
     cache, where `Trial.should_prune` hands it to Optuna's pruners."""
     trial._cached_frozen_trial.intermediate_values[step] = value
 
 
+@retry_transient
 def set_user_attrs(
     storage: optuna.storages.BaseStorage, trial: optuna.Trial, attrs: dict[str, Any]
 ) -> None:
@@ -346,3 +380,45 @@ def set_user_attrs(
                 opened, rdb_models.TrialUserAttributeModel, trial_id(trial), key, value
             )
     trial._cached_frozen_trial.user_attrs.update(attrs)
+
+
+def database_now(storage: optuna.storages.BaseStorage) -> datetime.datetime:
+    """The database's clock, the one heartbeat rows are written with."""
+    import sqlalchemy
+
+    with session(storage) as opened:
+        return opened.execute(sqlalchemy.func.current_timestamp()).scalar_one()
+
+
+def show_long_attributes(limit: int = 1 << 20) -> None:
+    """Let optuna-dashboard show attribute values up to `limit` characters (it cuts them at
+    1,024: a trial's `epoch_metrics` is longer)."""
+    from optuna_dashboard import _serializer
+
+    _serializer.MAX_ATTR_LENGTH = max(_serializer.MAX_ATTR_LENGTH, limit)
+
+
+class RecentTrials:
+    """A study as a sampler sees it when only its `window` latest finished trials count:
+    `_get_trials`, the one call Optuna's TPE reads trials through, is cut to them (running
+    trials stay, for the constant liar); everything else is the study itself."""
+
+    def __init__(self, study: optuna.Study, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, but got {window=}")
+        self._study, self._window = study, window
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(
+        self, deepcopy: bool = True, states: Any = None, use_cache: bool = False
+    ) -> list[FrozenTrial]:
+        import copy
+
+        trials = self._study._get_trials(deepcopy=False, states=states, use_cache=use_cache)
+        finished = [t for t in trials if t.state.is_finished()]
+        if len(finished) > self._window:
+            cut = finished[-self._window].number
+            trials = [t for t in trials if not t.state.is_finished() or t.number >= cut]
+        return copy.deepcopy(trials) if deepcopy else trials

@@ -20,12 +20,12 @@ import optuna
 from optuna.trial import TrialState
 
 from search import optuna_compat
-from search.curves import Curve
+from search.curves import Curve, Verdict
 from search.epochs import record_epoch
 from search.exceptions import EarlyStopped, ObjectiveError, Preempted, TrialLost
 from search.record import CONSTRAINT, CONSTRAINT_KEY, prune_attrs
 from search.spec import StudySpec
-from search.trend import Peers
+from search.trend import Peers, TrendPruner
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ class Reporter:
             )
             verdict = judge(curve, self.peers.current() if self.peers else None)
             if verdict is None:
+                verdict = self._ask_wrapped(step, value)
+            if verdict is None:
                 return
             self._record(verdict.rule, verdict.reason, infeasible=verdict.infeasible)
             if getattr(verdict, "end", False):
@@ -148,6 +150,21 @@ class Reporter:
         )
         self._record("comparative", reason, infeasible=False)
         raise optuna.TrialPruned(reason)
+
+    def _ask_wrapped(self, step: int, value: float) -> Verdict | None:
+        """A `DivergencePruner` wrapping one of Optuna's pruners (`comparative: median`): that
+        pruner needs the study, so it is asked here, as `Trial.should_prune` would."""
+        inner = getattr(self.pruner, "comparative", None)
+        if inner is None or isinstance(inner, TrendPruner):
+            return None
+        latest = optuna_compat.latest_trial(self.trial)
+        try:
+            if not inner.prune(self.trial.study, latest):
+                return None
+        except optuna.exceptions.UpdateFinishedTrialError as e:
+            raise TrialLost(f"trial {self.trial.number} was finished by another process") from e
+        reason = f"{self.metric} {value:.4g} at epoch {step} pruned by {type(inner).__name__}"
+        return Verdict("comparative", reason, False)
 
     def _record(self, rule: str, reason: str, *, infeasible: bool) -> None:
         for key, value in prune_attrs(rule, reason, infeasible=infeasible).items():

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import optuna_compat, record
 from search.record import Outcome, consequence
-from search.storage import retry_transient
+from search.transient import retry_transient
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ default, PostgreSQL for many machines. A URL is only ever shown through `mask_ur
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
@@ -14,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import optuna
 import sqlalchemy.exc
@@ -26,6 +25,7 @@ from search.config import CONNECT_TIMEOUT_ENV as CONNECT_TIMEOUT_ENV  # re-expor
 from search.config import DEFAULT_STORAGE as DEFAULT_STORAGE
 from search.config import STORAGE_ENV as STORAGE_ENV
 from search.exceptions import StorageError
+from search.transient import reason_of, retry_transient
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,6 @@ logger = logging.getLogger(__name__)
 #: threads (each storage call is one short transaction; none nests another).
 POOL_SIZE = 1
 POOL_OVERFLOW = 0
-#: How long a storage call keeps retrying a dropped connection or an outage.
-OUTAGE_SECONDS = 120.0
 
 _FATAL_MARKERS = (
     "password authentication failed",
@@ -42,7 +40,6 @@ _FATAL_MARKERS = (
     "no password supplied",
     "permission denied",
 )
-_T = TypeVar("_T")
 
 
 def resolve_storage_url(cli: str | None = None, spec: str | None = None) -> str:
@@ -135,7 +132,7 @@ def open_storage(
                 raise StorageError(f"storage {mask_url(url)}: {problem}")
             return storage
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-            reason = _reason(e)
+            reason = reason_of(e)
             if _is_fatal(reason) or time.monotonic() + delay > deadline:
                 raise StorageError(
                     f"cannot open storage {mask_url(url)} ({describe_url(url)}): {reason}. "
@@ -177,58 +174,8 @@ def _prepare_sqlite(url: str) -> None:
         raise StorageError(f"cannot open SQLite file {path}: {e}") from e
 
 
-def _reason(error: BaseException) -> str:
-    cause: BaseException = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    original = getattr(cause, "orig", None) or cause
-    text = " ".join(str(original).split())
-    return text.split(" (Background on this error")[0][:300] or type(original).__name__
-
-
 def _is_fatal(reason: str) -> bool:
     return any(marker in reason for marker in _FATAL_MARKERS)
-
-
-def _is_transient(error: BaseException) -> bool:
-    chain: BaseException | None = error
-    while chain is not None:
-        if isinstance(chain, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
-            return True
-        if isinstance(chain, sqlalchemy.exc.DBAPIError) and chain.connection_invalidated:
-            return True
-        chain = chain.__cause__ or chain.__context__
-    return False
-
-
-def retry_transient(
-    call: Callable[..., _T], *, outage_seconds: float = OUTAGE_SECONDS
-) -> Callable[..., _T]:
-    """Retry `call(storage, ...)` on a dropped connection or outage, with backoff, for up to
-    `outage_seconds`; other errors propagate at once. The first argument must be the storage
-    (an RDB storage, or Optuna's cache around one), whose thread's session is reset first."""
-
-    @functools.wraps(call)
-    def wrapper(storage: Any, *args: Any, **kwargs: Any) -> _T:
-        deadline = time.monotonic() + outage_seconds
-        delay = 0.2
-        while True:
-            try:
-                return call(storage, *args, **kwargs)
-            except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-                if not _is_transient(e) or time.monotonic() + delay > deadline:
-                    raise
-                logger.warning(
-                    "Database call %s failed (%s); reconnecting in %.1f s.",
-                    call.__name__,
-                    _reason(e),
-                    delay,
-                )
-                getattr(storage, "_backend", storage).scoped_session.remove()
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    return wrapper
 
 
 class ResilientRDBStorage(optuna.storages.RDBStorage):
@@ -276,3 +223,62 @@ for _name in RETRIED_METHODS:
     setattr(
         ResilientRDBStorage, _name, retry_transient(getattr(optuna.storages.RDBStorage, _name))
     )
+
+
+def open_storage_read_only(url: str) -> optuna.storages.RDBStorage:
+    """Open the storage at `url` for reading only: no file, no table, no migration is made.
+
+    SQLite is opened with `mode=ro` (a missing file is an error, not a new database);
+    PostgreSQL sessions run with `default_transaction_read_only=on`, so even a reviewer's
+    mistake cannot write. The schema is never created nor migrated.
+
+    Raises:
+        StorageError: the URL is invalid, the SQLite file is missing, the database cannot be
+            reached, or it holds no Optuna tables; one line, never the password.
+    """
+    import urllib.parse
+
+    try:
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
+        engine_url = make_url(normalize_url(url))
+    except Exception as e:
+        raise StorageError(
+            f"invalid storage URL {mask_url(url)!r}: expected sqlite:///FILE or "
+            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+        ) from e
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "sqlite":
+        database = parsed.database
+        if not database or database == ":memory:" or not Path(database).is_file():
+            raise StorageError(
+                f"no SQLite file {database or ':memory:'}: check the path in "
+                f"{mask_url(url)!r} (nothing was created)"
+            )
+        path = urllib.parse.quote(str(Path(database).resolve()))  # a URI: spaces, #, ? escaped
+        engine_url = engine_url.set(database=f"file:{path}?mode=ro", query={"uri": "true"})
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    elif backend == "postgresql":
+        engine_kwargs["connect_args"] = {
+            "connect_timeout": 10,
+            "options": "-c default_transaction_read_only=on",
+        }
+        engine_kwargs.update(pool_size=2, max_overflow=2)
+    else:
+        raise StorageError(f"unsupported storage {backend!r}: use sqlite:/// or postgresql://")
+    try:
+        return optuna.storages.RDBStorage(
+            engine_url.render_as_string(hide_password=False),
+            engine_kwargs=engine_kwargs,
+            skip_table_creation=True,
+        )
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+        reason = reason_of(e)
+        if "version_info" in reason or "no such table" in reason:
+            reason = "it holds no Optuna tables (no study was ever created there)"
+        raise StorageError(
+            f"cannot open storage {mask_url(url)} ({describe_url(url)}): {reason}. "
+            "Is the database running and the URL right?"
+        ) from None
+    except RuntimeError as e:  # Optuna: the schema is older or newer than this Optuna's
+        raise StorageError(f"cannot read storage {mask_url(url)}: {e}") from None

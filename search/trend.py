@@ -7,51 +7,70 @@ fast are not cut at the end of warm-up.
 
 from __future__ import annotations
 
+import bisect
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 
 import optuna
 from optuna.pruners import BasePruner
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from search import optuna_compat
 from search.curves import Curve, Verdict, check_ranges
+from search.optuna_compat import storage_of
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-@dataclass
 class Peers:
-    """Sorted running bests of the finished trials at each step, built incrementally.
+    """The finished trials a decision compares with, read once each, flipped so lower is
+    better: per step, the sorted running bests of every finished trial that got there.
 
-    The caller feeds it finished (COMPLETE or PRUNED) trials with `add`, each once; the
-    worker refreshes it at most every few seconds, so its view is slightly stale.
+    Build it once per study with `Peers(direction)` and feed it with `add` the finished
+    (COMPLETE or PRUNED) trials it has not been given yet; a trial given twice is counted
+    once. It holds no storage handle: the caller decides how stale it may be.
+
+    Attributes:
+        finished: trials added; complete: those COMPLETE.
+        horizon: the last step any complete trial reached.
+        by_step: step -> sorted running bests of the trials that reached it.
+        finals: sorted best values of the complete trials.
+        floor: the lowest flipped value seen (< 0: the metric is not a positive loss).
     """
 
-    direction: StudyDirection = StudyDirection.MINIMIZE
-    seen: set[int] = field(default_factory=set)
-    by_step: dict[int, list[float]] = field(default_factory=dict)
-    finished: int = 0
-    complete: int = 0
-    horizon: int = 0
+    def __init__(self, direction: StudyDirection) -> None:
+        self.sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0
+        self.seen: set[int] = set()
+        self.by_step: dict[int, list[float]] = {}
+        self.finals: list[float] = []
+        self.finished = 0
+        self.complete = 0
+        self.horizon = 0
+        self.floor = math.inf
 
-    def add(self, trials: list[FrozenTrial]) -> None:
-        sign = -1.0 if self.direction == StudyDirection.MAXIMIZE else 1.0
+    def add(self, trials: Iterable[FrozenTrial]) -> None:
+        """Count finished trials not seen before (others are ignored)."""
         touched: set[int] = set()
         for trial in trials:
-            if trial.number in self.seen:
+            if trial.number in self.seen or trial.state not in FINISHED:
                 continue
             self.seen.add(trial.number)
             self.finished += 1
-            if trial.state == TrialState.COMPLETE:
-                self.complete += 1
-                self.horizon = max(self.horizon, trial.last_step or 0)
             best = math.inf
             for step in sorted(trial.intermediate_values):
-                value = sign * trial.intermediate_values[step]
-                best = min(best, value) if math.isfinite(value) else best
+                value = self.sign * trial.intermediate_values[step]
+                if math.isfinite(value):
+                    best = min(best, value)
+                    self.floor = min(self.floor, value)
                 if math.isfinite(best):
                     self.by_step.setdefault(step, []).append(best)
                     touched.add(step)
+            if trial.state == TrialState.COMPLETE:
+                self.complete += 1
+                self.horizon = max(self.horizon, trial.last_step or 0)
+                value = best if math.isfinite(best) else self.sign * (trial.value or math.nan)
+                if math.isfinite(value):
+                    bisect.insort(self.finals, value)
         for step in touched:
             self.by_step[step].sort()
 
@@ -61,6 +80,20 @@ class Peers:
         reached = self.by_step.get(step, [])
         return reached[rank] if rank < len(reached) else math.inf
 
+    def final(self, percentile: float) -> float:
+        """The `percentile` of the complete trials' best values (+inf with none)."""
+        return _percentile(self.finals, percentile) if self.finals else math.inf
+
+    def spread(self) -> float | None:
+        """The study's scale: how far a typical trial travels, the median of the first
+        step's values minus the median best of the complete trials (None before 5 trials
+        reached the first step and one completed, or when that is not > 0)."""
+        first = self.by_step.get(min(self.by_step), []) if self.by_step else []
+        if len(first) < 5 or not self.finals:
+            return None
+        size = _percentile(first, 50) - _percentile(self.finals, 50)
+        return size if size > 0 else None
+
 
 class TrendPruner(BasePruner):
     """Prune a trial that is behind its peers now and not improving fast enough to catch up.
@@ -68,7 +101,8 @@ class TrendPruner(BasePruner):
     From step `n_warmup_steps` on (once `n_startup_trials` are complete), a trial whose best
     value so far is worse than the `percentile` of the finished trials at that step is
     projected `horizon` epochs ahead: a line fitted to its last `window` values (in log space
-    for a positive loss) is extended by its slope x `optimism` and lowered by `noise` x the
+    for a positive loss whose peers never went below 0 either; a metric that crosses zero is
+    projected linearly) is extended by its slope x `optimism` and lowered by `noise` x the
     scatter around it. The trial is pruned when even that projection is worse than the
     `target_percentile` of all finished trials at the projected step, where a trial pruned
     before that step counts as worse than every one that got there, so the bar does not rise
@@ -77,10 +111,15 @@ class TrendPruner(BasePruner):
     NaN/inf: non-finite values are skipped everywhere (`DivergencePruner`'s `non-finite` rule
     handles them); a trial with no finite value is never pruned here.
 
-    Cost: finished trials do not change, so each is read once into sorted per-step lists, and
-    the study is re-read only after `complete trials // 50` decisions (the peers are at most
-    2% stale): the cost per decision stays flat as the study grows, where Optuna's pruners
-    read every trial on every call.
+    `judge(curve, peers)` is the decision itself, pure: the worker builds the `Curve` from its
+    in-memory rows and keeps one `Peers`. `prune(study, trial)` (Optuna's contract) builds
+    both from the study: finished trials do not change, so each is read once into sorted
+    per-step lists, and the study is re-read only every `max(refresh_every, complete // 50)`
+    decisions (`PeerCache`): the cost per decision stays flat as the study grows, where
+    Optuna's pruners read every trial on every call.
+
+    Scale: only ranks and differences of values are compared, so multiplying the metric by
+    any positive constant gives the same decisions.
 
     Args:
         percentile: a trial at least this good among its peers at its step is kept (0-100).
@@ -91,24 +130,33 @@ class TrendPruner(BasePruner):
         horizon: epochs projected ahead (capped at the last step of complete trials).
         noise: multiples of the scatter around the line granted to a noisy curve.
         optimism: multiplies the projected slope.
+        end_percentile: a trial ahead of its peers from step `2 x n_warmup_steps` on whose
+            trend, projected to the last step of the complete trials, misses this percentile
+            of their bests is ended at its best (`Verdict.end`); None: never.
+        refresh_every: `prune` re-reads the study's finished trials at most every this many
+            decisions (or every complete trials // 50, if more).
     """
 
     def __init__(
         self,
         *,
         percentile: float = 50.0,
-        target_percentile: float = 15.0,
+        target_percentile: float = 10.0,
         n_startup_trials: int = 5,
         n_warmup_steps: int = 5,
         window: int = 6,
-        horizon: int = 10,
+        horizon: int = 15,
         noise: float = 1.0,
         optimism: float = 1.0,
+        refresh_every: int = 5,
+        end_percentile: float | None = None,
     ) -> None:
         check_ranges(
             percentile=(percentile, 0, 100), target_percentile=(target_percentile, 0, 100)
         )
         check_ranges(n_startup_trials=(n_startup_trials, 0), n_warmup_steps=(n_warmup_steps, 0))
+        if end_percentile is not None:
+            check_ranges(end_percentile=(end_percentile, 0, 100))
         check_ranges(
             window=(window, 3), horizon=(horizon, 0), noise=(noise, 0), optimism=(optimism, 0)
         )
@@ -120,31 +168,39 @@ class TrendPruner(BasePruner):
         self.horizon = horizon
         self.noise = noise
         self.optimism = optimism
-        self._peers, self._study, self._calls_left = Peers(), (-1, ""), 0
+        self.end_percentile = end_percentile
+        self.cache = PeerCache(refresh_every)
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         return self.decide(study, trial) is not None
 
     def decide(self, study: optuna.Study, trial: FrozenTrial) -> Verdict | None:
-        """The comparative verdict, or None to keep the trial (Optuna's pruner contract)."""
-        if trial.last_step is None or trial.last_step < self.n_warmup_steps:
+        """`judge` on the frozen trial, against the study's finished trials (re-read at most
+        every `refresh_every` decisions)."""
+        step = trial.last_step
+        if step is None or step < self.n_warmup_steps:
             return None
-        return self.judge(Curve.of(trial, study.direction), self._refresh(study))
+        return self.judge(Curve.of(trial, study.direction), self.cache.get(study))
 
     def judge(self, curve: Curve, peers: Peers | None) -> Verdict | None:
-        """The comparative verdict on an in-memory curve against `peers`; pure, no I/O."""
-        steps, values = curve.finite()
-        if peers is None or not values or steps[-1] < self.n_warmup_steps:
+        """The comparative verdict on `curve` against `peers`, or None to keep the trial.
+        Pure: no I/O. `peers` None: no comparison, so None."""
+        _, values = curve.finite()
+        if peers is None or not values or curve.steps[-1] < self.n_warmup_steps:
             return None
-        step = steps[-1]
+        if not curve.settled(len(curve.steps) - 1, settle=0):
+            return None  # in its warm-up, or at a learning-rate restart
+        trend = curve.finite()
+        step = curve.steps[-1]
         now = peers.by_step.get(step, [])
         if peers.complete < max(1, self.n_startup_trials) or not now:
             return None
         best, median = min(values), _percentile(now, self.percentile)
         if best <= median:
-            return None
+            return self._ends(curve, peers, best, trend)
         target = min(step + self.horizon, max(peers.horizon, step))
-        projected = self._project(steps, values, best, target - step, log=curve.positive)
+        log = curve.positive and peers.floor > 0
+        projected = self._project(*trend, best, target - step, log=log)
         reference = peers.population(target, self.target_percentile)
         if projected <= reference:
             return None
@@ -158,11 +214,36 @@ class TrendPruner(BasePruner):
             False,
         )
 
+    def _ends(
+        self, curve: Curve, peers: Peers, best: float, trend: tuple[list[int], list[float]]
+    ) -> Verdict | None:
+        """A trial ahead of its peers whose trend, projected to the last step of the
+        complete trials, still misses the `end_percentile` of their bests: ended at its best
+        (it is good, so nothing is lost; it will not be the winner)."""
+        step = curve.steps[-1]
+        if self.end_percentile is None or step < 2 * self.n_warmup_steps:
+            return None
+        target = max(peers.horizon, step)
+        log = curve.positive and peers.floor > 0
+        projected = self._project(*trend, best, target - step, log=log)
+        bar = peers.final(self.end_percentile)
+        if projected <= bar:
+            return None
+        return Verdict(
+            "comparative",
+            f"{curve.name} best {curve.shown(best)} at epoch {step} is ahead of its peers but "
+            f"its trend reaches only {curve.shown(projected)} by epoch {target}, short of the "
+            f"{self.end_percentile:g}th percentile {curve.shown(bar)} of {peers.complete} "
+            f"complete trials; ended at its best",
+            False,
+            end=True,
+        )
+
     def _project(
         self, steps: list[int], values: list[float], best: float, ahead: int, *, log: bool
     ) -> float:
         xs = steps[-self.window :]
-        ys = [math.log(max(v, 1e-12)) if log else v for v in values[-self.window :]]
+        ys = [math.log(max(v, 1e-300)) if log else v for v in values[-self.window :]]
         if len(xs) < 3:
             return best
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
@@ -174,17 +255,35 @@ class TrendPruner(BasePruner):
         drop = min(slope, 0.0) * ahead * self.optimism - self.noise * scatter
         return best * math.exp(drop) if log else best + drop
 
-    def _refresh(self, study: optuna.Study) -> Peers:
-        key = (id(optuna_compat.storage_of(study)), study.study_name)
-        if self._study != key:
-            self._peers, self._study, self._calls_left = Peers(study.direction), key, 0
+
+class PeerCache:
+    """The `Peers` of the study a pruner was last asked about, for `prune(study, trial)`:
+    the finished trials are read once each, and the study is re-read only every
+    `max(refresh_every, complete trials // 50)` decisions (the peers are at most that many
+    decisions, or 2%, stale)."""
+
+    def __init__(self, refresh_every: int = 5) -> None:
+        check_ranges(refresh_every=(refresh_every, 1))
+        self.refresh_every = refresh_every
+        self.peers: Peers | None = None
+        self._study: tuple[int, str] = (-1, "")
+        self._calls_left = 0
+
+    def cached(self, study: optuna.Study) -> Peers | None:
+        """The peers last read for `study`, without reading (None if never read)."""
+        return self.peers if self._study == (id(storage_of(study)), study.study_name) else None
+
+    def get(self, study: optuna.Study) -> Peers:
+        key = (id(storage_of(study)), study.study_name)
+        if self.peers is None or self._study != key:
+            self.peers, self._study, self._calls_left = Peers(study.direction), key, 0
         if self._calls_left > 0:
             self._calls_left -= 1
-            return self._peers
-        states = (TrialState.COMPLETE, TrialState.PRUNED)
-        self._peers.add(study.get_trials(deepcopy=False, states=states))
-        self._calls_left = self._peers.complete // 50
-        return self._peers
+            return self.peers
+        trials = study.get_trials(deepcopy=False, states=FINISHED)
+        self.peers.add(t for t in trials if t.number not in self.peers.seen)
+        self._calls_left = max(self.refresh_every, self.peers.complete // 50) - 1
+        return self.peers
 
 
 def _percentile(ordered: list[float], q: float) -> float:

@@ -42,12 +42,11 @@ from search.reporter import PeerFeed, Reporter
 from search.retry import resume_history, retry_root
 from search.space import suggest, trainer_params
 from search.spec import StudySpec
-from search.storage import open_storage, retry_transient
+from search.storage import open_storage
 from search.study import load_study, study_uuid, trial_seed
 from search.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
-set_user_attrs = retry_transient(optuna_compat.set_user_attrs)
 
 
 def worker_identity() -> str:
@@ -175,7 +174,7 @@ class Worker:
         train_params, derived = trainer_params(params, spec)
         place: dict[str, Any] = {record.WORKER: self.worker_id, record.HOST: socket.gethostname()}
         place.update({record.DEVICE: self.device, record.PID: os.getpid()})
-        set_user_attrs(self.storage, trial, {**derived, **place})
+        optuna_compat.set_user_attrs(self.storage, trial, {**derived, **place})
         blocker = self.oom.blocking_record(train_params)
         if blocker is not None:
             detail = f"at least as large as {blocker}, which ran out of memory"

@@ -197,6 +197,16 @@ def wait_for(predicate: Callable[[], _T | None], timeout: float, what: str) -> _
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def exact_trials(study: optuna.Study, n: int) -> list[FrozenTrial]:
+    """`study`'s trials, asserting its budget was met exactly: `n` finished (COMPLETE +
+    PRUNED), nothing RUNNING or WAITING."""
+    trials = study.get_trials()
+    states = Counter(t.state for t in trials)
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == n, states
+    assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0, states
+    return trials
+
+
 def load_trials(url: str, name: str) -> list[FrozenTrial]:
     return optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
 

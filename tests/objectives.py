@@ -125,3 +125,39 @@ def boom(params: dict[str, Any], device: str, report: Any) -> None:
     """Raises after one epoch."""
     report(1, {"val_loss": 1.0})
     raise RuntimeError("boom")
+
+
+def saves_big(params: dict[str, Any], device: str, report: Any, checkpoint: Any = None,
+              epochs: int = 2) -> None:
+    """Checkpoints 4 MB of weights each epoch (fills a small checkpoint folder)."""
+    import torch
+
+    for epoch in range(epochs):
+        if checkpoint is not None:
+            checkpoint.save({"epoch": epoch + 1, "w": torch.zeros(1_000_000)})
+        report(epoch + 1, {"val_loss": float(params["x"]) ** 2 + 1.0 / (epoch + 1)})
+
+
+def exit_once(params: dict[str, Any], device: str, report: Any, epochs: int = 3) -> None:
+    """Like `env_probe`, but the first trial to reach epoch 2 kills its own process (a crash:
+    no hand-back, no exception), once per directory named by SEARCH_TEST_CRASH_DIR."""
+    marker = os.path.join(os.environ["SEARCH_TEST_CRASH_DIR"], "crashed")
+    for epoch in range(epochs):
+        time.sleep(EPOCH_SECONDS)
+        if epoch == 1:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(1)
+        report(epoch + 1, {"val_loss": float(params["x"]) ** 2})
+
+
+def held(params: dict[str, Any], device: str, report: Any, epochs: int = 1) -> None:
+    """Like `env_probe`, but waits before its first epoch while the file named by
+    SEARCH_TEST_HOLD_FILE exists, so a test can keep trials running until it lets them go."""
+    hold = os.environ["SEARCH_TEST_HOLD_FILE"]
+    while os.path.exists(hold):
+        time.sleep(0.1)
+    env_probe(params, device, report, epochs=epochs)

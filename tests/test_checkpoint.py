@@ -170,3 +170,28 @@ def test_the_study_uuid_is_set_once(sqlite_url: str, study_name: str) -> None:
     again = create_or_load_study(spec, open_storage(sqlite_url)).user_attrs[record.STUDY_UUID]
     assert first == again and len(first) == 32
 
+
+
+@pytest.mark.slow
+def test_a_worker_on_a_full_checkpoint_folder_hands_the_trial_back_and_says_disk_full(
+    tmp_path: Path, study_name: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = sleepy_spec(study_name, n_trials=1, objective={"function": "objectives:saves_big"})
+    create_or_load_study(spec_from_dict(spec), open_storage(url))
+    folder = tmp_path / "small"
+    folder.mkdir()
+    worker = f"{sys.executable} -m search worker {study_name} --checkpoint-dir {folder}"
+    # A real 256 KiB tmpfs, mounted in a private user+mount namespace (no root needed).
+    script = (f"mount -t tmpfs -o size=256k tmpfs {folder} && {worker}; echo rc=$?; "
+              f"ls -A {folder}/*")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True,
+                            text=True, timeout=180, env=cli_env(url), cwd=REPO)
+    assert "rc=2" in result.stdout, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: cannot save checkpoint") and "disk full" in last, last
+    assert ".tmp" not in result.stdout, f"a failed save left its temp file: {result.stdout}"
+    trials = optuna.load_study(study_name=study_name, storage=open_storage(url)).trials
+    assert trials[0].state == TrialState.FAIL
+    assert trials[0].user_attrs[record.OUTCOME] == record.Outcome.DISK_FULL.value
+    assert [t.state for t in trials[1:]] == [TrialState.WAITING], "queued again, not lost"

@@ -56,6 +56,9 @@ def test_unreachable_storage_exits_2_without_password() -> None:
 
 
 def test_unknown_study_exits_2(sqlite_url: str) -> None:
+    from search.storage import open_storage
+
+    open_storage(sqlite_url)  # an existing database without that study (status creates none)
     result = runner.invoke(app, ["status", "nope", "--storage", sqlite_url])
     assert result.exit_code == 2
     assert "no study 'nope'" in result.stderr

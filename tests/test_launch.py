@@ -7,12 +7,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import REPO, assert_exact_budget, base_spec, cli_env, search_command, sleepy_spec
+from conftest import (
+    REPO,
+    assert_exact_budget,
+    base_spec,
+    cli_env,
+    search_command,
+    sleepy_spec,
+    wait_for,
+)
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
@@ -143,16 +150,6 @@ def _popen_launch(spec_path: Path, storage: str, *args: str, **env: str
     return process, stderr
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def _running(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
     try:
         study = optuna.load_study(study_name=name, storage=open_storage(storage))
@@ -167,7 +164,7 @@ def test_stopping_one_launcher_leaves_another_launchers_trials_alone(
     logs = ["--log-dir", str(tmp_path / "logs"), "--workers", "1"]
     first, first_err = _popen_launch(spec_path, pg_url, *logs)
     second, second_err = _popen_launch(spec_path, pg_url, *logs)
-    _wait_for(lambda: len({t.user_attrs["pid"] for t in _running(pg_url, study_name)}) == 2,
+    wait_for(lambda: len({t.user_attrs["pid"] for t in _running(pg_url, study_name)}) == 2,
               90, "a running trial in each launcher")
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=120) == 130, first_err.read_text()[-3000:]
@@ -204,7 +201,7 @@ def test_a_worker_stopped_by_someone_else_is_restarted(
         sqlite_url: str, study_name: str, write_spec) -> None:
     spec_path = write_spec(sleepy_spec(study_name, n_trials=3, epochs=3))
     process, stderr = _popen_launch(spec_path, sqlite_url, "--workers", "1")
-    (live,) = _wait_for(lambda: _running(sqlite_url, study_name), 90, "a running trial")
+    (live,) = wait_for(lambda: _running(sqlite_url, study_name), 90, "a running trial")
     os.kill(live.user_attrs["pid"], signal.SIGTERM)
     assert process.wait(timeout=240) == 0, stderr.read_text()[-3000:]
     study = assert_exact_budget(sqlite_url, study_name, 3)
@@ -217,9 +214,9 @@ def test_a_second_ctrl_c_hands_trials_back_and_exits_at_once(
     spec_path = write_spec(sleepy_spec(study_name, n_trials=2, epochs=2))
     process, stderr = _popen_launch(spec_path, sqlite_url, "--workers", "1",
                                     SEARCH_TEST_EPOCH_SECONDS="600")
-    (live,) = _wait_for(lambda: _running(sqlite_url, study_name), 90, "a running trial")
+    (live,) = wait_for(lambda: _running(sqlite_url, study_name), 90, "a running trial")
     process.send_signal(signal.SIGINT)
-    _wait_for(lambda: "signal again" in stderr.read_text(), 30, "the launcher to start stopping")
+    wait_for(lambda: "signal again" in stderr.read_text(), 30, "the launcher to start stopping")
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=30) == 130, stderr.read_text()[-3000:]
     trials = optuna.load_study(study_name=study_name, storage=open_storage(sqlite_url)).trials
@@ -257,3 +254,16 @@ def test_a_gpu_this_machine_lacks_is_refused_up_front(
         "Error: --gpus 0: this machine has no GPU 0 (GPUs visible here: none; from "
         "CUDA_VISIBLE_DEVICES, else nvidia-smi)"]
     assert optuna.get_all_study_summaries(open_storage(sqlite_url)) == []
+
+
+def test_workers_are_recycled_after_recycle_after_trials(
+        sqlite_url: str, study_name: str, write_spec) -> None:
+    spec = sleepy_spec(study_name, n_trials=3, epochs=1,
+                       workers={"heartbeat_interval": 1, "grace_period": 4, "recycle_after": 1})
+    process, stderr = _popen_launch(write_spec(spec), sqlite_url, "--workers", "1",
+                                    SEARCH_TEST_EPOCH_SECONDS="0.1")
+    assert process.wait(timeout=240) == 0, stderr.read_text()[-3000:]
+    study = assert_exact_budget(sqlite_url, study_name, 3)
+    assert len({t.user_attrs["pid"] for t in study.trials}) == 3, "a fresh process per trial"
+    assert stderr.read_text().count("asked to be replaced") >= 2
+    assert "crashed" not in stderr.read_text()

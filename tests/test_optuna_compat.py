@@ -115,3 +115,57 @@ def test_note_intermediate_reaches_optunas_pruners(study: optuna.Study) -> None:
     trial = study.ask()
     optuna_compat.note_intermediate(trial, 3, 0.25)
     assert trial._get_latest_trial().intermediate_values == {3: 0.25}
+
+
+def test_database_now_is_the_clock_heartbeats_use(study: optuna.Study) -> None:
+    trial = study.ask()
+    storage = optuna_compat.storage_of(study)
+    optuna_compat.rdb(storage).record_heartbeat(optuna_compat.trial_id(trial))
+    beat = optuna_compat.heartbeats(storage, [optuna_compat.trial_id(trial)])
+    now = optuna_compat.database_now(storage)
+    assert 0 <= (now - beat[optuna_compat.trial_id(trial)]).total_seconds() < 60
+
+
+def test_show_long_attributes_lifts_optuna_dashboards_cut() -> None:
+    from optuna_dashboard import _serializer
+
+    optuna_compat.show_long_attributes()
+    long = {"epoch_metrics": "x" * 5000}
+    assert _serializer.serialize_attrs(long) == [{"key": "epoch_metrics", "value": "x" * 5000}]
+
+
+def test_recent_trials_keeps_the_latest_finished_and_every_running_trial() -> None:
+    study = optuna.create_study()
+    for value in range(6):
+        study.tell(study.ask(), float(value))
+    running = study.ask()
+    recent = optuna_compat.RecentTrials(study, 3)
+    assert [t.number for t in recent._get_trials(deepcopy=False)] == [3, 4, 5, running.number]
+    assert recent.direction == study.direction, "everything else is the study itself"
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        optuna_compat.RecentTrials(study, 0)
+
+
+def test_the_recent_tpe_sampler_samples_from_a_windowed_study() -> None:
+    from search.study import RecentTPESampler
+
+    study = optuna.create_study(sampler=RecentTPESampler(seed=0, n_startup_trials=2,
+                                                         constant_liar=True, multivariate=True))
+    study.optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.5) ** 2, n_trials=15)
+    assert study.best_value < 0.05
+
+
+def test_concurrent_appends_to_a_study_attribute_are_all_kept(pg_url: str,
+                                                               study_name: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    study = optuna.create_study(study_name=study_name, storage=open_storage(pg_url))
+    sid = optuna_compat.study_id(study)
+
+    def append(i: int) -> None:
+        optuna_compat.append_study_system_attr(open_storage(pg_url), sid, "oom:cpu", {"i": i})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(append, range(16)))
+    stored = open_storage(pg_url).get_study_system_attrs(sid)["oom:cpu"]
+    assert sorted(r["i"] for r in stored) == list(range(16))

@@ -108,3 +108,23 @@ def test_the_peer_view_is_reread_only_when_stale(sqlite_url: str) -> None:
     assert feed.current().finished == 0, "still within its staleness"
     feed.staleness = 0
     assert feed.current().finished == 1
+
+
+def test_a_wrapped_optuna_pruner_is_asked_in_the_workers_path(sqlite_url: str) -> None:
+    from search.epochs import ensure_table
+    from search.pruning import make_pruner
+
+    study = optuna.create_study(storage=open_storage(sqlite_url),
+                                pruner=make_pruner("default", {"comparative": "median"}))
+    ensure_table(study._storage)
+    for _ in range(6):  # peers that reach 0.1 by epoch 6
+        peer = study.ask()
+        for step in range(1, 7):
+            peer.report(1.0 / step, step)
+        study.tell(peer, 1.0 / 6)
+    trial = study.ask()
+    report = Reporter(trial, spec_from_dict(SPEC))
+    with pytest.raises(optuna.TrialPruned, match="pruned by MedianPruner"):
+        for step in range(1, 7):
+            report(step, {"val_loss": 5.0})
+    assert trial.user_attrs["prune_rule"] == "comparative"

@@ -1,22 +1,24 @@
-"""Replay the recorded learning curves through Optuna studies, once per pruner and order.
+"""Replay the recorded real learning curves through each pruner, per part, order and mode.
 
-Each study holds the curves of one task and one part (tuning, held-out or fresh held-out; see
-make_curves.py) in a random order.
-Every curve is one trial that reports `val_loss` epoch by epoch the way `search.objective`'s
-Reporter does (`trial.report`, then the `epoch_metrics` user attribute, then `should_prune`),
-but without the Reporter's own non-finite guard, so each pruner is judged alone. A trial that
-is never pruned completes with its best finite `val_loss` (the worker's trial value).
+Each study holds the curves of one task and one part (tuning, held-out, fresh held-out, or
+`fresh-2`, generated after the defaults of issue 11 were frozen; see make_curves.py) in a
+random order, replayed by `engine.replay`: `search` pruners through `judge` on
+`Curve.from_rows` as the worker's Reporter calls it (an `end` verdict records the trial
+COMPLETE at its best so far), Optuna's through a real Optuna study.
 
-Columns, per pruner, over all studies of a part:
+Modes: `full` reports val_loss, train_loss, grad_norm and lr (the built-in trainer's rows, lr
+recomputed from the stored params with `trainable.lr_at`) and the params; `metric-only`
+reports val_loss alone and no params (a user function that reports only its metric).
+
+Columns, per pruner, over all studies of a part (means per study):
     epochs: epochs run as a fraction of running every curve for 40 epochs.
-    regret: best completed value minus the best curve's value, mean over studies.
-    top-5 pruned: of the 5 best curves of each study (by best val_loss), how many were pruned
-        (mean per study).
-    NaN waste: epochs run after the first non-finite val_loss/train_loss/grad_norm, per study.
-    rebound stop: mean epoch at which rebounding curves were stopped (40 = never; see
-        `rebounds`).
+    regret: best recorded value minus the best curve's value.
+    top-5 killed: of the 5 best curves (by best val_loss), how many were pruned, or ended
+        with a recorded value worse than their true best by more than 1% of it.
+    NaN waste: epochs run after the first non-finite val_loss/train_loss/grad_norm.
+    rebound stop: mean epoch at which rebounding curves were stopped (40 = never).
 
-    python benchmarks/pruning/replay.py --orders 5          # all parts, all pruners
+    python benchmarks/pruning/replay.py --orders 5 --json benchmarks/pruning/replay.json
 """
 
 from __future__ import annotations
@@ -29,31 +31,37 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
+from engine import Run, Stop, TopKAfterOneEpoch, replay
+from optuna.study import StudyDirection
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from search.pruning import DivergencePruner, TrendPruner, default_pruner
+from search.trainable import lr_at
 
 HERE = Path(__file__).resolve().parent
 EPOCHS = 40
 TOP = 5
 #: the `split` values of the curve files: see make_curves.py
-PARTS = {"tuning": 0, "held-out": 1, "fresh held-out": 2}
+PARTS = {"tuning": 0, "held-out": 1, "fresh held-out": 2, "fresh-2": 3, "fresh-3": 4}
+MODES = {"full": ("train_loss", "grad_norm", "lr"), "metric-only": ()}
 
 
 @dataclass(frozen=True)
 class Pool:
-    """The curves of one task and part: arrays [curve, epoch]."""
+    """The curves of one task and part: arrays [curve, epoch], and each curve's params."""
 
     task: str
     classes: int
     val: np.ndarray
     train: np.ndarray
     grad: np.ndarray
+    params: list[dict[str, Any]]
 
     @property
     def best(self) -> np.ndarray:
@@ -65,6 +73,31 @@ class Pool:
         """1-based epoch of the first non-finite metric, or EPOCHS + 1."""
         bad = ~(np.isfinite(self.val) & np.isfinite(self.train) & np.isfinite(self.grad))
         return np.where(bad.any(axis=1), bad.argmax(axis=1) + 1, EPOCHS + 1)
+
+    def runs(self) -> list[Run]:
+        out = []
+        for i, params in enumerate(self.params):
+            rows = []
+            for e in range(EPOCHS):
+                lr = lr_at(
+                    e,
+                    base_lr=float(params["lr"]),
+                    epochs=EPOCHS,
+                    schedule=str(params.get("schedule", "constant")),
+                    warmup_epochs=int(params.get("warmup_epochs", 0)),
+                    step_gamma=float(params.get("step_gamma", 0.5)),
+                )
+                rows.append(
+                    {
+                        "epoch": e + 1,
+                        "val_loss": float(self.val[i, e]),
+                        "train_loss": float(self.train[i, e]),
+                        "grad_norm": float(self.grad[i, e]),
+                        "lr": lr,
+                    }
+                )
+            out.append(Run(rows, params))
+        return out
 
 
 def rebounds(pool: Pool) -> np.ndarray:
@@ -93,125 +126,101 @@ def load_pools(folder: Path, part: int) -> list[Pool]:
     for path in sorted(folder.glob("*.npz")):
         data = np.load(path)
         metrics = list(data["metrics"])
-        chosen = data["curves"][data["split"] == part].astype(np.float64)
-        if len(chosen) == 0:
+        chosen = data["split"] == part
+        if not chosen.any():
             continue
+        curves = data["curves"][chosen].astype(np.float64)
+        params = [p for p, c in zip(json.loads(str(data["params"])), chosen, strict=True) if c]
         pools.append(
             Pool(
                 path.stem,
                 int(data["classes"]),
-                chosen[:, metrics.index("val_loss")],
-                chosen[:, metrics.index("train_loss")],
-                chosen[:, metrics.index("grad_norm")],
+                curves[:, metrics.index("val_loss")],
+                curves[:, metrics.index("train_loss")],
+                curves[:, metrics.index("grad_norm")],
+                params,
             )
         )
     return pools
 
 
-def replay(pool: Pool, pruner: optuna.pruners.BasePruner, order: np.ndarray) -> np.ndarray:
-    """Run the curves in `order`; return the epoch each curve stopped at (negative = pruned)."""
-    study = optuna.create_study(  # a fixed name: Hyperband's brackets hash it
-        study_name=f"replay-{pool.task}", pruner=pruner, sampler=optuna.samplers.RandomSampler(0)
-    )
-    stops = np.zeros(len(pool.val), dtype=np.int64)
-    for i in order:
-        trial = study.ask()
-        history: list[dict[str, float]] = []
-        stop, pruned = EPOCHS, False
-        for epoch in range(1, EPOCHS + 1):
-            value = float(pool.val[i, epoch - 1])
-            trial.report(value, epoch)
-            history.append(
-                {
-                    "epoch": epoch,
-                    "val_loss": value,
-                    "train_loss": float(pool.train[i, epoch - 1]),
-                    "grad_norm": float(pool.grad[i, epoch - 1]),
-                }
-            )
-            trial.set_user_attr("epoch_metrics", history)
-            if trial.should_prune():
-                stop, pruned = epoch, True
-                break
-        if pruned:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        elif math.isfinite(pool.best[i]):
-            study.tell(trial, float(pool.best[i]))
-        else:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        stops[i] = -stop if pruned else stop
-    return stops
-
-
-def score(pool: Pool, stops: np.ndarray) -> dict[str, float]:
-    ran = np.abs(stops)
-    pruned = stops < 0
+def score(pool: Pool, stops: list[Stop]) -> dict[str, float]:
+    ran = np.array([s.epochs for s in stops])
+    pruned = np.array([s.state == "pruned" for s in stops])
+    recorded = np.array([s.value if s.state != "pruned" else np.inf for s in stops])
+    recorded = np.where(np.isfinite(recorded), recorded, np.inf)
     best = pool.best
-    completed = np.where(~pruned & np.isfinite(best), best, np.inf)
     top = np.argsort(best)[:TOP]
+    lost = pruned | (recorded > best + 0.01 * np.abs(best))
     bad = pool.first_bad
     rebound = rebounds(pool)
     return {
         "epochs": ran.sum() / (EPOCHS * len(ran)),
-        "regret": float(completed.min() - best.min()),
-        "top5": float(pruned[top].sum()),
+        "regret": float(recorded.min() - best.min()),
+        "top5": float(lost[top].sum()),
         "nan_waste": float(np.clip(ran - bad, 0, None).sum()),
         "rebound_stop": float(ran[rebound].mean()) if rebound.any() else math.nan,
-        "n_rebound": float(rebound.sum()),
+        "ended": float(sum(s.state == "ended" for s in stops)),
     }
 
 
-def optuna_pruners(pool: Pool) -> dict[str, Callable[[], optuna.pruners.BasePruner]]:
-    pruners = optuna.pruners
-    return {
-        "NopPruner": pruners.NopPruner,
-        "MedianPruner(5, 5)": lambda: pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5),
-        "PercentilePruner(25, 5, 5)": lambda: pruners.PercentilePruner(
-            25.0, n_startup_trials=5, n_warmup_steps=5
-        ),
-        "SuccessiveHalvingPruner()": pruners.SuccessiveHalvingPruner,
-        "HyperbandPruner(1, 40, 3)": lambda: pruners.HyperbandPruner(1, EPOCHS, 3),
-        "ThresholdPruner(ln C, 5)": lambda: pruners.ThresholdPruner(
-            upper=math.log(pool.classes), n_warmup_steps=5
-        ),
-        "PatientPruner(Median, 3)": lambda: pruners.PatientPruner(
-            pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5), patience=3
-        ),
-    }
-
-
-def own_pruners() -> dict[str, Callable[[], optuna.pruners.BasePruner]]:
-    one = {
+def pruners(pool: Pool) -> dict[str, Callable[[], Any]]:
+    p = optuna.pruners
+    own = {
         f"rule: {rule}": (lambda rule=rule: DivergencePruner(None, rules=(rule,)))
-        for rule in ("non-finite", "divergence", "explosion", "stall")
+        for rule in ("non-finite", "divergence", "explosion", "stall", "overfitting")
     }
     return {
         "default_pruner()": default_pruner,
-        **one,
+        **own,
         "rule: comparative (TrendPruner)": TrendPruner,
         "own-curve rules only": lambda: DivergencePruner(None),
+        "NopPruner": p.NopPruner,
+        "MedianPruner(5, 5)": lambda: p.MedianPruner(n_startup_trials=5, n_warmup_steps=5),
+        "PercentilePruner(25, 5, 5)": lambda: p.PercentilePruner(
+            25.0, n_startup_trials=5, n_warmup_steps=5
+        ),
+        "top-20%-after-1-epoch": TopKAfterOneEpoch,
+        "SuccessiveHalving/ASHA()": p.SuccessiveHalvingPruner,
+        "HyperbandPruner(1, 40, 3)": lambda: p.HyperbandPruner(1, EPOCHS, 3),
+        "WilcoxonPruner(0.1, 5)": lambda: p.WilcoxonPruner(p_threshold=0.1, n_startup_steps=5),
+        "ThresholdPruner(ln C, 5)": lambda: p.ThresholdPruner(
+            upper=math.log(pool.classes), n_warmup_steps=5
+        ),
+        "PatientPruner(Median, 3)": lambda: p.PatientPruner(
+            p.MedianPruner(n_startup_trials=5, n_warmup_steps=5), patience=3
+        ),
     }
 
 
-def run(
-    pools: list[Pool],
-    factories: dict[str, Callable[[Pool], Callable[[], optuna.pruners.BasePruner]]],
-    orders: int,
-) -> dict[str, dict[str, float]]:
+def run(pools: list[Pool], names: list[str], orders: int, mode: str) -> dict[str, dict]:
     results: dict[str, dict[str, float]] = {}
-    for name, factory in factories.items():
+    runs = {pool.task: pool.runs() for pool in pools}
+    for name in names:
         rows = []
         for pool in pools:
+            make = pruners(pool)[name]
             for seed in range(orders):
                 order = np.random.default_rng(seed).permutation(len(pool.val))
-                rows.append(score(pool, replay(pool, factory(pool)(), order)))
+                stops = replay(
+                    runs[pool.task],
+                    make,
+                    order,
+                    metric="val_loss",
+                    direction=StudyDirection.MINIMIZE,
+                    keys=MODES[mode],
+                    with_params=mode == "full",
+                    name=f"replay-{pool.task}",
+                )
+                rows.append(score(pool, stops))
         results[name] = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
     return results
 
 
 def table(title: str, results: dict[str, dict[str, float]]) -> Table:
     out = Table(title=title, box=box.MARKDOWN)
-    for column in ("pruner", "epochs", "regret", "top-5 pruned", "NaN waste", "rebound stop"):
+    columns = ("pruner", "epochs", "regret", "top-5 killed", "NaN waste", "rebound stop", "ended")
+    for column in columns:
         out.add_column(column, justify="left" if column == "pruner" else "right")
     for name, r in results.items():
         out.add_row(
@@ -221,6 +230,7 @@ def table(title: str, results: dict[str, dict[str, float]]) -> Table:
             f"{r['top5']:.2f}",
             f"{r['nan_waste']:.1f}",
             f"{r['rebound_stop']:.1f}",
+            f"{r['ended']:.1f}",
         )
     return out
 
@@ -230,42 +240,35 @@ def main() -> None:
     parser.add_argument("--curves", type=Path, default=HERE / "curves")
     parser.add_argument("--orders", type=int, default=5)
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
+    parser.add_argument("--mode", choices=[*MODES, "all"], default="full")
     parser.add_argument("--only", help="comma-separated pruner names (substring match)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    chosen = PARTS if args.part == "all" else {args.part: PARTS[args.part]}
+    parts = PARTS if args.part == "all" else {args.part: PARTS[args.part]}
+    modes = list(MODES) if args.mode == "all" else [args.mode]
     console = Console(width=200)
-    everything = {}
-    for part, code in chosen.items():
+    everything: dict[str, Any] = {}
+    for part, code in parts.items():
         pools = load_pools(args.curves, code)
-        factories: dict[str, Callable[[Pool], Callable[[], optuna.pruners.BasePruner]]] = {
-            name: (lambda _pool, f=f: f) for name, f in own_pruners().items()
-        }
-        for name in optuna_pruners(pools[0]):
-            factories[name] = lambda pool, name=name: optuna_pruners(pool)[name]
+        if not pools:
+            continue
+        names = list(pruners(pools[0]))
         if args.only:
-            wanted = args.only.split(",")
-            factories = {k: v for k, v in factories.items() if any(w in k for w in wanted)}
-        began = time.perf_counter()
-        results = run(pools, factories, args.orders)
-        n = sum(len(p.val) for p in pools)
-        console.print(
-            table(
-                f"{part}: {n} curves ({', '.join(p.task for p in pools)}), "
-                f"{args.orders} orders, {time.perf_counter() - began:.0f}s",
-                results,
+            names = [n for n in names if any(w in n for w in args.only.split(","))]
+        for mode in modes:
+            began = time.perf_counter()
+            results = run(pools, names, args.orders, mode)
+            n = sum(len(p.val) for p in pools)
+            console.print(
+                table(
+                    f"{part}, {mode}: {n} curves ({', '.join(p.task for p in pools)}), "
+                    f"{args.orders} orders, {time.perf_counter() - began:.0f}s",
+                    results,
+                )
             )
-        )
-        rebound = sum(int(rebounds(p).sum()) for p in pools)
-        nan = sum(int((p.first_bad <= EPOCHS).sum()) for p in pools)
-        flat = sum(int((p.best >= 0.9 * math.log(p.classes)).sum()) for p in pools)
-        console.print(
-            f"{nan} curves go non-finite, {rebound} rebound (see `rebounds`), {flat} never get "
-            f"below 90% of the untrained loss ln(classes)"
-        )
-        everything[part] = results
+            everything[f"{part} / {mode}"] = results
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))
 

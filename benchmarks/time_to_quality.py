@@ -1,0 +1,251 @@
+"""Time to quality, end to end: this service's default sampler + pruner against plain Optuna.
+
+Real training with the built-in trainer (`search.trainable.train`) on digits, breast_cancer
+and synthetic4 (a 4-class make_classification task with 5% label noise, the harder one: it
+overfits late), the same search space, the same trial budget, early stopping OFF, both run
+in-process on in-memory Optuna studies (so the figures measure the pruner and the sampler,
+not the storage or the worker's bookkeeping):
+
+    service: `search.study.make_sampler` (TPE, 8 startup trials, multivariate, constant
+        liar) and `default_pruner()`, asked per epoch as the worker asks it:
+        `judge(Curve.from_rows(rows, ...), peers)` with one `Peers` fed each finished
+        trial; an `end` verdict records the trial COMPLETE at its best value, a prune
+        PRUNED; a trial that runs out completes with its best value (the worker's value).
+    optuna: `TPESampler(seed)` and `MedianPruner()`, `trial.report` + `should_prune`, and
+        the objective returns its last val_loss (what a plain Optuna objective does).
+
+Both minimize val_loss. Quality is the val_accuracy of the study's best trial so far (at
+its recorded epoch). Per task and seed the target is the better of the two final
+accuracies minus 0.005 (0.5% accuracy); "to quality" is the compute spent (epochs, CPU
+seconds of the training process, wall-clock) until the best trial reaches the target
+(the whole study when it never does). Ratios are service / optuna, the geometric mean over
+seeds; the paired test is Wilcoxon's signed-rank on the per-seed differences.
+
+    python benchmarks/time_to_quality.py --seeds 5 --trials 20 --epochs 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "pruning"))
+from make_curves import load
+
+from search import trainable
+from search.curves import Curve
+from search.pruning import default_pruner
+from search.spec import SamplerSpec
+from search.study import make_sampler
+from search.trend import Peers
+
+TASKS = ("digits", "breast_cancer", "synthetic4")
+TOLERANCE = 0.005
+MIN = StudyDirection.MINIMIZE
+
+
+class _Stop(Exception):
+    def __init__(self, end: bool) -> None:
+        self.end = end
+
+
+def suggest(trial: optuna.Trial) -> dict[str, Any]:
+    optimizer = trial.suggest_categorical("optimizer", ["adam", "sgd"])
+    return {
+        "lr": trial.suggest_float("lr", 1e-4, 3.0, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", [16, 32, 64, 128]),
+        "depth": trial.suggest_int("depth", 1, 3),
+        "width": trial.suggest_int("width", 16, 256, log=True),
+        "optimizer": optimizer,
+        "warmup_epochs": trial.suggest_int("warmup_epochs", 0, 3),
+        "schedule": trial.suggest_categorical("schedule", ["constant", "cosine"]),
+    }
+
+
+def run_study(task: str, seed: int, *, service: bool, trials: int, epochs: int) -> list[dict]:
+    """One study; per finished trial: epochs, cpu and wall seconds, value and accuracy."""
+    if service:
+        sampler = make_sampler(
+            type("Spec", (), {"sampler": SamplerSpec()})(),  # type: ignore[arg-type]
+            seed=seed,
+        )
+        study = optuna.create_study(sampler=sampler, pruner=optuna.pruners.NopPruner())
+    else:
+        study = optuna.create_study(
+            sampler=optuna.samplers.TPESampler(seed=seed), pruner=optuna.pruners.MedianPruner()
+        )
+    pruner, peers = default_pruner(), Peers(MIN)
+    log = []
+    for _ in range(trials):
+        trial = study.ask()
+        params = suggest(trial)
+        rows: list[dict[str, float]] = []
+        began_cpu, began = time.process_time(), time.perf_counter()
+
+        def report(
+            step: int,
+            metrics: dict[str, float],
+            trial: optuna.Trial = trial,
+            rows: list[dict[str, float]] = rows,
+            params: dict[str, Any] = params,
+        ) -> None:
+            rows.append({"epoch": step, **{k: float(v) for k, v in metrics.items()}})
+            trial.report(float(metrics["val_loss"]), step)
+            if service:
+                curve = Curve.from_rows(rows, metric="val_loss", direction=MIN, params=params)
+                verdict = pruner.judge(curve, peers)
+                if verdict is not None:
+                    raise _Stop(verdict.end)
+            elif trial.should_prune():
+                raise _Stop(False)
+
+        state, end = TrialState.COMPLETE, False
+        try:
+            trainable.train(params, "cpu", report, dataset=task, epochs=epochs, seed=seed)
+        except _Stop as stop:
+            end = stop.end
+            state = TrialState.COMPLETE if stop.end else TrialState.PRUNED
+        finite = [r for r in rows if math.isfinite(r["val_loss"])]
+        if service and state == TrialState.COMPLETE:
+            chosen = min(finite, key=lambda r: r["val_loss"]) if finite else None
+        else:
+            chosen = finite[-1] if finite and math.isfinite(rows[-1]["val_loss"]) else None
+        if state == TrialState.COMPLETE and chosen is not None:
+            study.tell(trial, chosen["val_loss"])
+        elif state == TrialState.PRUNED:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, state=TrialState.FAIL)
+        if service:
+            peers.add(study.get_trials(deepcopy=False)[-1:])
+        complete = study.get_trials(deepcopy=False)[-1].state == TrialState.COMPLETE
+        log.append(
+            {
+                "epochs": len(rows),
+                "cpu": time.process_time() - began_cpu,
+                "wall": time.perf_counter() - began,
+                "value": chosen["val_loss"] if complete and chosen else math.nan,
+                "accuracy": chosen["val_accuracy"] if complete and chosen else math.nan,
+                "ended": end,
+            }
+        )
+    return log
+
+
+def best_accuracy(log: list[dict]) -> list[float]:
+    """After each trial, the val_accuracy of the best (lowest val_loss) complete trial."""
+    out, best, accuracy = [], math.inf, math.nan
+    for entry in log:
+        if math.isfinite(entry["value"]) and entry["value"] < best:
+            best, accuracy = entry["value"], entry["accuracy"]
+        out.append(accuracy)
+    return out
+
+
+def to_quality(log: list[dict], target: float) -> dict[str, float]:
+    spent = {"epochs": 0.0, "cpu": 0.0, "wall": 0.0}
+    for entry, accuracy in zip(log, best_accuracy(log), strict=True):
+        for key in spent:
+            spent[key] += entry[key]
+        if accuracy >= target:
+            break
+    return spent
+
+
+def wilcoxon(a: list[float], b: list[float]) -> float:
+    from scipy.stats import wilcoxon as test
+
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    if all(d == 0 for d in diffs):
+        return 1.0
+    return float(test(a, b).pvalue)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    trainable.load_dataset = load  # type: ignore[assignment]  # adds synthetic4
+    table = Table(
+        title=f"time to quality: {args.seeds} seeds x {args.trials} trials x {args.epochs} "
+        f"epochs, early stopping off",
+        box=box.MARKDOWN,
+    )
+    for column in ("task", "epochs", "CPU s", "wall s", "final acc svc / opt", "p (epochs)"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    results: dict[str, Any] = {}
+    for task in args.tasks.split(","):
+        rows = []
+        trainable.train(  # load the data and warm torch up before anything is timed
+            {"lr": 0.01, "batch_size": 64, "depth": 1, "width": 8},
+            "cpu",
+            lambda *_: None,
+            dataset=task,
+            epochs=1,
+        )
+        for seed in range(args.seeds):
+            runs = {}
+            for service in (seed % 2 == 0, seed % 2 == 1):  # alternate who goes first
+                runs[service] = run_study(
+                    task, seed, service=service, trials=args.trials, epochs=args.epochs
+                )
+            svc, opt = runs[True], runs[False]
+            finals = [best_accuracy(svc)[-1], best_accuracy(opt)[-1]]
+            target = max(a for a in finals if math.isfinite(a)) - TOLERANCE
+            rows.append(
+                {
+                    "seed": seed,
+                    "service": to_quality(svc, target),
+                    "optuna": to_quality(opt, target),
+                    "final": finals,
+                    "total_epochs": [sum(e["epochs"] for e in svc), sum(e["epochs"] for e in opt)],
+                    "ended": sum(e["ended"] for e in svc),
+                }
+            )
+            print(task, seed, rows[-1], flush=True)
+        ratios = {
+            key: math.exp(
+                statistics.mean(math.log(r["service"][key] / r["optuna"][key]) for r in rows)
+            )
+            for key in ("epochs", "cpu", "wall")
+        }
+        p = wilcoxon([r["service"]["epochs"] for r in rows], [r["optuna"]["epochs"] for r in rows])
+        final = [statistics.mean(r["final"][i] for r in rows) for i in (0, 1)]
+        table.add_row(
+            task,
+            f"{ratios['epochs']:.2f}x",
+            f"{ratios['cpu']:.2f}x",
+            f"{ratios['wall']:.2f}x",
+            f"{final[0]:.4f} / {final[1]:.4f}",
+            f"{p:.3f}",
+        )
+        results[task] = {"ratios": ratios, "p_epochs": p, "final": final, "seeds": rows}
+    Console(width=160).print(table)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""`search audit`: a real study's recorded curves replayed through other pruner settings."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from study_factory import make_finished_study
+from typer.testing import CliRunner
+
+from search.audit import AuditError, audit, parse_setting
+from search.cli import app
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, optuna.Study]:
+    url = f"sqlite:///{tmp_path_factory.mktemp('audit') / 'study.db'}"
+    return url, make_finished_study(url, "audited")
+
+
+def test_replaying_the_own_curve_rules_prunes_what_they_pruned(audited) -> None:
+    _, study = audited
+    happened, own, default = audit(study, ["default:comparative=none", "default"])
+    diverged = {n: v for n, v in happened.pruned.items() if v["rule"] == "non-finite"}
+    assert diverged  # the study has NaN trials (x > 0.6)
+    assert own.pruned == diverged  # same trials, same epoch, same rule
+    assert diverged.items() <= default.pruned.items()
+    assert own.epochs == happened.epochs  # the rest run to the end of their record
+
+
+def test_no_pruner_prunes_nothing_and_marks_the_unrecorded_epochs(audited) -> None:
+    _, study = audited
+    happened, none = audit(study, ["none"])
+    assert none.pruned == {}
+    assert sorted(none.unobserved) == sorted(happened.pruned)  # their tail was never run
+    assert none.epochs == happened.epochs  # lower bound: only what was recorded
+    assert none.best_survives is True
+
+
+def test_aggressive_setting_prunes_more_and_spends_less(audited) -> None:
+    _, study = audited
+    happened, strict = audit(study, ["percentile:percentile=10.0,n_startup_trials=1"])
+    assert len(strict.pruned) > len(happened.pruned)
+    assert strict.epochs < happened.epochs and strict.seconds < happened.seconds
+    assert all(v["rule"] for v in strict.pruned.values())
+
+
+def test_parse_setting_reads_yaml_values() -> None:
+    assert parse_setting("default:divergence_margin=0.5,rules=[non-finite]") == (
+        "default", {"divergence_margin": 0.5, "rules": ["non-finite"]})
+    with pytest.raises(AuditError, match="expected NAME:key=value"):
+        parse_setting("median:oops")
+
+
+def test_audit_command_json_and_bad_setting(audited) -> None:
+    url, _ = audited
+    runner = CliRunner()
+    result = runner.invoke(app, ["audit", "audited", "--storage", url, "--pruner", "median",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["setting"] for r in json.loads(result.stdout)] == ["actual", "median"]
+    table = runner.invoke(app, ["audit", "audited", "--storage", url])
+    assert table.exit_code == 0 and "best survives" in table.stdout
+    bad = runner.invoke(app, ["audit", "audited", "--storage", url, "--pruner", "nope"])
+    assert bad.exit_code == 2
+    assert len(bad.output.strip().splitlines()) == 1
+    assert bad.output.startswith("Error: --pruner 'nope': unknown pruner 'nope'")
