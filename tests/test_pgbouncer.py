@@ -6,12 +6,12 @@ temporary tables) would be lost or leak to another worker. These tests run real 
 worker` processes through a real `pgbouncer` (Debian's package; missing is a failure) with
 fewer server connections than the workers' clients, and check the exact budget, nothing left
 RUNNING, and recovery from a `kill -9` (reaping and the budget claim run through it too).
+Without pgbouncer the test installs it (root on Debian) or fails; it never skips.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +28,7 @@ import sqlalchemy
 from conftest import cli_env, sleepy_spec
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
+from system_tools import require
 
 from search.storage import normalize_url, open_storage
 
@@ -57,9 +58,7 @@ class Bouncer:
     """A pgbouncer process in transaction mode on a free port, with its own ini and users."""
 
     def __init__(self, pg_url: str, folder: Path) -> None:
-        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-        if not Path(binary).exists():
-            pytest.fail("pgbouncer is not installed: apt-get install -y pgbouncer", pytrace=False)
+        binary = require("pgbouncer", "pgbouncer")  # installed when missing, else a failure
         server = make_url(pg_url)
         self.user = server.username or "postgres"
         self.database = server.database or "postgres"
