@@ -89,11 +89,6 @@ def trial_of_number(study: optuna.Study, number: int) -> FrozenTrial:
     )
 
 
-def stale_trial_ids(storage: optuna.storages.BaseStorage, study: optuna.Study) -> list[int]:
-    """RUNNING trials whose last heartbeat is older than the storage's grace period."""
-    return list(rdb(storage)._get_stale_trial_ids(study_id(study)))
-
-
 @retry_transient
 def heartbeats(
     storage: optuna.storages.BaseStorage, trial_ids: list[int]

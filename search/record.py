@@ -13,7 +13,6 @@ told, whether it is retried with the same parameters, whether it counts against 
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,13 +127,6 @@ def epoch_rows(trial: FrozenTrial) -> list[dict[str, Any]]:
     values fill epochs that have no row (a crash can lose at most the last epoch's row)."""
     rows = {int(r["epoch"]): dict(r) for r in trial.user_attrs.get(EPOCH_METRICS) or []}
     return [rows[e] for e in sorted(rows)]
-
-
-def is_finite_number(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def prune_attrs(rule: str, reason: str, *, infeasible: bool) -> dict[str, Any]:
