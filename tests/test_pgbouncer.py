@@ -16,16 +16,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import psycopg2
 import pytest
 import sqlalchemy
-from conftest import cli_env, sleepy_spec
+from conftest import cli_env, sleepy_spec, wait_for
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from system_tools import require
@@ -42,16 +41,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Bouncer:
@@ -87,7 +76,7 @@ class Bouncer:
             stderr=subprocess.STDOUT,
         )
         self.url = f"postgresql://{self.user}@127.0.0.1:{self.port}/{self.database}"
-        _wait_for(self._ready, 20, f"pgbouncer on port {self.port}")
+        wait_for(self._ready, 20, f"pgbouncer on port {self.port}")
 
     def _ready(self) -> bool:
         if self.process.poll() is not None:
@@ -177,7 +166,7 @@ def test_workers_behind_transaction_pooling_meet_the_exact_budget_after_a_kill(
     first = _worker(study_name, bouncer.url, tmp_path, "w0")
     workers: list[subprocess.Popen[bytes]] = []
     try:
-        _wait_for(lambda: _running_with_an_epoch(pg_url, study_name), 90, "a trial with an epoch")
+        wait_for(lambda: _running_with_an_epoch(pg_url, study_name), 90, "a trial with an epoch")
         first.send_signal(signal.SIGKILL)
         first.wait()
         workers = [_worker(study_name, bouncer.url, tmp_path, f"w{i}") for i in (1, 2, 3)]
