@@ -61,7 +61,7 @@ _HOMES = {
     "open_storage_read_only": "search.storage",
     "resolve_storage_url": "search.storage",
     "RunResult": "search.resumption",
-    "launch": "search.resumption",  # the function; `search/launch.py` stays importable
+    "launch": "search.resumption",
     "resume": "search.resumption",
 }
 

@@ -81,7 +81,7 @@ def launch(
 ) -> None:
     """Create the study (or continue it) and run workers on this machine until it is done."""
     from search.ending import check_result
-    from search.launch import Launcher, check_gpus, plan_workers, visible_gpus
+    from search.launcher import Launcher, check_gpus, plan_workers, visible_gpus
     from search.progress import best_summary, progress_display
     from search.spec import load_spec
     from search.storage import mask_url, open_storage

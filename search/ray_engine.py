@@ -21,7 +21,6 @@ import contextlib
 import functools
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -35,6 +34,7 @@ from optuna.trial import TrialState
 from search import optuna_compat, record
 from search.budget import BudgetState, budget_state
 from search.exceptions import SearchError
+from search.launcher import noting_signals
 from search.record import Outcome
 from search.retry import fail_and_requeue
 
@@ -208,17 +208,7 @@ class RayFleet:
                 the trials still running were handed back.
         """
         signals: list[int] = []
-
-        def on_signal(signum: int, _: Any) -> None:
-            if not signals:  # only note it, as the local launcher does
-                signals.append(signum)
-
-        previous = (
-            {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-            if threading.current_thread() is threading.main_thread()
-            else {}  # run from a thread: the caller handles signals and calls `stop`
-        )
-        try:
+        with noting_signals(signals):
             while not signals:
                 state = budget_state(self.study)
                 if on_progress is not None:
@@ -232,9 +222,6 @@ class RayFleet:
             if signals:
                 self.stop()
                 raise KeyboardInterrupt
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
         return budget_state(self.study)
 
     def stop(self, timeout: float = 60.0) -> None:

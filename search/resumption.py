@@ -14,9 +14,7 @@ retry bound or `max_failures`), 2 bad input, 3 interrupted.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,7 +146,7 @@ def _run(
     log_dir: Path | None,
     progress: Console | None,
 ) -> RunResult:
-    from search.launch import Launcher, plan_workers, visible_gpus
+    from search.launcher import Launcher, plan_workers, visible_gpus
 
     state = budget_state(study)
     if state.done:
@@ -228,8 +226,3 @@ def _result(
         )
     return result
 
-
-# `search.launch(spec, ...)` is this function. Importing `search/launch.py` bound the package's
-# name `launch` to that module; bind it back (the module stays importable by its full name).
-importlib.import_module("search.launch")  # now, so that no later import rebinds the name
-sys.modules["search"].launch = launch  # type: ignore[attr-defined]

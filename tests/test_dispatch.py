@@ -22,7 +22,7 @@ from conftest import (
 from optuna.trial import TrialState
 
 from search.exceptions import LaunchError
-from search.launch import _last_error_line, check_gpus, plan_workers, visible_gpus
+from search.launcher import _last_error_line, check_gpus, plan_workers, visible_gpus
 
 
 def test_one_worker_per_gpu_each_seeing_only_its_gpu() -> None:

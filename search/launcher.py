@@ -32,11 +32,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import optuna
 from optuna.trial import TrialState
@@ -59,6 +60,26 @@ STOP_GRACE = 10.0
 #: A worker that has run this long counts as healthy: its crash count starts again.
 HEALTHY_SECONDS = 300.0
 _TRACEBACK_LAST = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*")
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def noting_signals(signals: list[int]) -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM are only appended to `signals` (a handler that raised
+    could strike inside a database call); the earlier handlers come back on exit. Installed
+    explicitly, since a launcher started in the background inherits SIGINT ignored. Off the
+    main thread nothing is installed: the caller handles signals and calls `stop`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, lambda n, _: signals.append(n)) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass(frozen=True)
@@ -193,14 +214,7 @@ class Launcher:
             KeyboardInterrupt: after SIGINT or SIGTERM, once every worker has stopped and its
                 running trial was handed back.
         """
-
-        def on_signal(signum: int, _: Any) -> None:
-            # Only note it: a handler that raised could strike inside a database call. Set
-            # explicitly, since a launcher started in the background inherits SIGINT ignored.
-            self._signals.append(signum)
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with noting_signals(self._signals):
             for child in self.children:
                 self._start(child)
             while not self._signals and not all(c.done for c in self.children):
@@ -216,9 +230,6 @@ class Launcher:
                 )
                 self.stop()
                 raise KeyboardInterrupt
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
         return budget_state(self.study)
 
     def stop(self, timeout: float | None = None) -> None:
