@@ -126,6 +126,28 @@ class Curve:
                 return False
         return True
 
+    @property
+    def warmup(self) -> int:
+        """The trial's learning-rate warm-up in epochs: its `warmup_epochs` param, or the
+        epochs over which the reported `lr` first rose, whichever is longer."""
+        lr, rising = self.extras["lr"], 0
+        for i in range(1, len(lr)):
+            if not lr[i] > lr[i - 1] * 1.001:
+                break
+            rising = self.steps[i]
+        return max(self.warmup_epochs, rising)
+
+    def segment_start(self) -> int:
+        """The index where the current stretch of the schedule began: the first entry after
+        the warm-up (params) and after the last rise of the reported `lr` (a restart); 0
+        for a trial with neither."""
+        start = sum(1 for step in self.steps if step <= self.warmup_epochs)
+        lr = self.extras["lr"]
+        for i in range(max(1, start), len(lr)):
+            if lr[i] > lr[i - 1] * 1.001:
+                start = i
+        return min(start, max(0, len(self.steps) - 1))
+
     def noise(self, upto: int | None = None) -> float:
         """The curve's own epoch-to-epoch noise: half the median absolute second difference
         of its finite values (the first `upto + 1` of them; a straight fall has none); 0 with
@@ -287,7 +309,8 @@ def overfitting(
     `margin` of its fall and by `noise_factor` x the curve's noise (all its values), and the
     last the worst so far after the best (never before `patience + 5` values); the fall
     must be large, as for `divergence` (`min_fall`, `scale`); with
-    `train_loss` reported it must not be rising (that is divergence).
+    `train_loss` reported it must not have risen since the best epoch by more than
+    `margin` of its value there (training that gets worse too is not overfitting).
     Feasible: the trial got somewhere, it is ended at its best (see `search.pruning`)."""
     steps, values = curve.finite()
     if len(values) < patience + NOISE_VALUES - 1:
@@ -303,9 +326,10 @@ def overfitting(
     tail = values[-patience:]
     if min(tail) <= bar or tail[-1] < max(values[best_at + 1 :]):
         return None
-    train = [t for t in curve.extras["train_loss"] if math.isfinite(t)]
-    if train and train[-1] > min(train) + margin * (max(train) - min(train)):
-        return None
+    train = curve.extras["train_loss"]
+    then, now = train[curve.steps.index(steps[best_at])], train[-1]
+    if math.isfinite(then) and math.isfinite(now) and now > then + margin * abs(then):
+        return None  # training got worse too: not overfitting
     return Verdict(
         "overfitting",
         f"{curve.name} {curve.shown(values[-1])} has been worse than its best "

@@ -186,15 +186,20 @@ class TrendPruner(BasePruner):
         """The comparative verdict on `curve` against `peers`, or None to keep the trial.
         Pure: no I/O. `peers` None: no comparison, so None."""
         _, values = curve.finite()
-        if peers is None or not values or curve.steps[-1] < self.n_warmup_steps:
+        if peers is None or not values or peers.complete < max(1, self.n_startup_trials):
             return None
-        if not curve.settled(len(curve.steps) - 1, settle=0):
-            return None  # in its warm-up, or at a learning-rate restart
-        trend = curve.finite()
         step = curve.steps[-1]
-        now = peers.by_step.get(step, [])
-        if peers.complete < max(1, self.n_startup_trials) or not now:
+        if step < self.n_warmup_steps:
             return None
+        if step < self.n_warmup_steps + curve.warmup and values[-1] > min(values):
+            return None  # rising again after its learning-rate warm-up: not yet judged
+        start = curve.segment_start()
+        if start > 0 and start == len(curve.steps) - 1:
+            return None  # the learning rate rose at this epoch (a restart)
+        now = peers.by_step.get(step, [])
+        if not now:
+            return None
+        trend = self._trend(curve)
         best, median = min(values), _percentile(now, self.percentile)
         if best <= median:
             return self._ends(curve, peers, best, trend)
@@ -213,6 +218,17 @@ class TrendPruner(BasePruner):
             f"{peers.finished} finished trials",
             False,
         )
+
+    def _trend(self, curve: Curve) -> tuple[list[int], list[float]]:
+        """The finite values the trend is fitted to: the last `window` of the current
+        stretch of the schedule (after the warm-up and the last learning-rate restart),
+        from the highest of them when 3 or more follow it (the curve since it turned down)."""
+        steps, values = curve.finite_from(curve.segment_start())
+        steps, values = steps[-self.window :], values[-self.window :]
+        peak = values.index(max(values)) if values else 0
+        if len(values) - peak >= 3:
+            return steps[peak:], values[peak:]
+        return steps, values
 
     def _ends(
         self, curve: Curve, peers: Peers, best: float, trend: tuple[list[int], list[float]]

@@ -197,6 +197,29 @@ def test_overfitting_leaves_a_run_whose_train_loss_rises_too_to_divergence() -> 
     )
 
 
+def test_overfitting_is_not_called_when_training_got_worse_since_the_best_epoch() -> None:
+    """A real digits curve (adam, cosine): val rises while train_loss climbs 0.035 -> 0.044
+    after the val best; it came back to a better best later. Train's own range (0.59 at
+    epoch 1) used to hide that rise."""
+    val = [0.5, 0.202, 0.119, 0.0903, 0.105, 0.1029, 0.1091, 0.1494, 0.1127, 0.1612, 0.197]
+    train = [0.5922, 0.1126, 0.0704, 0.0353, 0.0311, 0.0205, 0.015, 0.0218, 0.0243, 0.0549, 0.0437]
+    c = curve(val, train=train)
+    assert (
+        overfitting(c, margin=0.05, patience=2, noise_factor=3.0, min_fall=0.1, scale=None) is None
+    )
+    kept = curve(val, train=[*train[:8], 0.014, 0.013, 0.012])  # training kept improving
+    assert overfitting(kept, margin=0.05, patience=2, noise_factor=3.0, min_fall=0.1, scale=None)
+
+
+def test_the_warm_up_and_restarts_come_from_params_or_the_reported_lr() -> None:
+    values = [2.0, 1.9, 1.8, 1.7, 1.6, 1.5, 1.4]
+    assert curve(values, params={"warmup_epochs": 3}).warmup == 3
+    assert curve(values, lr=[0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3]).warmup == 3
+    assert curve(values, params={"warmup_epochs": 3}).segment_start() == 3
+    restart = [0.3, 0.2, 0.1, 0.3, 0.2, 0.1, 0.05]
+    assert curve(values, lr=restart).segment_start() == 3 and curve(values).segment_start() == 0
+
+
 @pytest.mark.parametrize(
     ("values", "train", "grad", "where"),
     [

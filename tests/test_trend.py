@@ -101,7 +101,37 @@ def test_a_slow_starter_that_falls_fast_is_kept() -> None:
 
 def test_the_comparison_waits_out_the_trials_warm_up() -> None:
     peers = peers_of(falling(30))
-    assert first_verdict(TrendPruner(), FLAT, peers, params={"warmup_epochs": 6})[0] == 7
+    flat = [*FLAT, 1.8, 1.8]
+    assert first_verdict(TrendPruner(), flat, peers, params={"warmup_epochs": 6})[0] == 8
+
+
+#: issue 11: a dip, a rise while the learning rate warms up (4 epochs), then the fall
+SPIKE = [2.0, 1.94, 1.97, 2.0, 2.05, 2.08, 2.0, 1.6, 1.2, 0.9, 0.7, 0.55, 0.45, 0.38, 0.33, 0.3]
+
+
+def test_a_rise_after_a_known_warm_up_is_not_held_against_the_trial() -> None:
+    """Known from the params or from a reported lr, the warm-up rise is waited out and the
+    trend is read from the peak on; with nothing known the same values are pruned."""
+    peers = peers_of(falling(30))
+    assert first_verdict(TrendPruner(), SPIKE, peers, params={"warmup_epochs": 3}) == (None, None)
+    lr = [0.25, 0.5, 0.75] + [1.0] * 13
+    for n in range(1, len(SPIKE) + 1):
+        rows = [{"epoch": i + 1, "val_loss": SPIKE[i], "lr": lr[i]} for i in range(n)]
+        assert (
+            TrendPruner().judge(Curve.from_rows(rows, metric="val_loss", direction=MIN), peers)
+            is None
+        )
+    assert first_verdict(TrendPruner(), SPIKE, peers)[0] == 5
+
+
+def test_no_comparison_at_the_epoch_the_learning_rate_restarts() -> None:
+    peers = peers_of(falling(30))
+    lr = [1.0, 0.8, 0.6, 0.4, 0.2, 0.1, 1.0, 0.8]
+    rows = [{"epoch": i + 1, "val_loss": v, "lr": lr[i]} for i, v in enumerate(FLAT)]
+    assert (
+        TrendPruner().judge(Curve.from_rows(rows, metric="val_loss", direction=MIN), peers) is None
+    )
+    assert TrendPruner().judge(curve(FLAT), peers) is not None  # the same epoch, no restart
 
 
 @pytest.mark.parametrize("scale", [1e-4, 1e4])

@@ -12,7 +12,9 @@ pruner; 1 is held out (one curve in three of every task, and `synthetic4` whole)
 fresh held-out set (`*-b` tasks: new draws on the same four datasets), generated after the
 pruner's defaults were frozen; 3 (`*-c` tasks, issue 11) is a second fresh set, generated
 after issue 11's defaults were first frozen; 4 (`*-d`) is a third, looked at only after the
-final defaults were chosen (see RESULTS.md, "History").
+final defaults were chosen (see RESULTS.md, "History"); 5 (`*-e`) a fourth, generated at the
+start of the second issue-11 session and looked at after its first freeze; 6 (`*-f`) a fifth,
+generated after that session's final freeze.
 
 Why not wine: its validation split has 36 samples, and 50 of 210 wine runs (exploded ones
 among them) reach val_loss < 0.001, so "the 5 best curves" is a tie among dozens.
@@ -62,6 +64,16 @@ TASKS: dict[str, tuple[int, int, tuple[int, ...], int]] = {
     "digits-d": (4002, 30, (32, 64, 128, 256), 128),
     "synthetic6-d": (4004, 30, (32, 64, 128, 256), 128),
     "synthetic4-d": (4003, 30, (32, 64, 128, 256), 128),
+    # issue 11, third freeze (second session): generated before, looked at only after
+    "breast_cancer-e": (5001, 30, (16, 32, 64, 128), 256),
+    "digits-e": (5002, 30, (32, 64, 128, 256), 128),
+    "synthetic6-e": (5004, 30, (32, 64, 128, 256), 128),
+    "synthetic4-e": (5003, 30, (32, 64, 128, 256), 128),
+    # issue 11, fourth freeze (second session): generated after its final defaults
+    "breast_cancer-f": (6001, 30, (16, 32, 64, 128), 256),
+    "digits-f": (6002, 30, (32, 64, 128, 256), 128),
+    "synthetic6-f": (6004, 30, (32, 64, 128, 256), 128),
+    "synthetic4-f": (6003, 30, (32, 64, 128, 256), 128),
 }
 #: tasks whose curves all go to one part (the others: one in three to part 1)
 FIXED_PART = {"synthetic4": 1, "breast_cancer-b": 2, "digits-b": 2, "synthetic6-b": 2}
@@ -70,6 +82,10 @@ FIXED_PART.update({f"{name}-c": 3 for name in ("breast_cancer", "digits", "synth
 FIXED_PART["synthetic4-c"] = 3
 FIXED_PART.update({f"{name}-d": 4 for name in ("breast_cancer", "digits", "synthetic6")})
 FIXED_PART["synthetic4-d"] = 4
+FIXED_PART.update({f"{name}-e": 5 for name in ("breast_cancer", "digits", "synthetic6")})
+FIXED_PART["synthetic4-e"] = 5
+FIXED_PART.update({f"{name}-f": 6 for name in ("breast_cancer", "digits", "synthetic6")})
+FIXED_PART["synthetic4-f"] = 6
 CLASSES = {"breast_cancer": 2, "digits": 10, "synthetic6": 6, "synthetic4": 4}
 
 

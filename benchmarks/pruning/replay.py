@@ -48,7 +48,15 @@ HERE = Path(__file__).resolve().parent
 EPOCHS = 40
 TOP = 5
 #: the `split` values of the curve files: see make_curves.py
-PARTS = {"tuning": 0, "held-out": 1, "fresh held-out": 2, "fresh-2": 3, "fresh-3": 4}
+PARTS = {
+    "tuning": 0,
+    "held-out": 1,
+    "fresh held-out": 2,
+    "fresh-2": 3,
+    "fresh-3": 4,
+    "fresh-4": 5,
+    "fresh-5": 6,
+}
 MODES = {"full": ("train_loss", "grad_norm", "lr"), "metric-only": ()}
 
 
