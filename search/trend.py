@@ -108,6 +108,14 @@ class TrendPruner(BasePruner):
     before that step counts as worse than every one that got there, so the bar does not rise
     as weak trials are pruned. A slow starter that falls fast projects far and is kept.
 
+    Schedule-aware (`Curve.warmup`: the `warmup_epochs` param or the epochs the reported
+    `lr` first rose; `Curve.segment_start`): no comparison during the warm-up, nor at an
+    epoch the `lr` rises (a restart), nor, before step `n_warmup_steps` + warm-up, while the
+    trial is above its best (climbing out of a warm-up spike); the trend line is fitted only
+    to the current stretch of the schedule, from its highest value when 3 or more follow. A
+    trial with a linear warm-up of w epochs is compared with its peers at step `step - w // 2`
+    (its warm-up trained at half the learning rate on average).
+
     NaN/inf: non-finite values are skipped everywhere (`DivergencePruner`'s `non-finite` rule
     handles them); a trial with no finite value is never pruned here.
 
@@ -196,16 +204,17 @@ class TrendPruner(BasePruner):
         start = curve.segment_start()
         if start > 0 and start == len(curve.steps) - 1:
             return None  # the learning rate rose at this epoch (a restart)
-        now = peers.by_step.get(step, [])
+        age = max(1, step - curve.warmup // 2)  # a linear warm-up trains at half the lr
+        now = peers.by_step.get(age, [])
         if not now:
             return None
         trend = self._trend(curve)
         best, median = min(values), _percentile(now, self.percentile)
         if best <= median:
             return self._ends(curve, peers, best, trend)
-        target = min(step + self.horizon, max(peers.horizon, step))
+        target = min(age + self.horizon, max(peers.horizon, age))
         log = curve.positive and peers.floor > 0
-        projected = self._project(*trend, best, target - step, log=log)
+        projected = self._project(*trend, best, target - age, log=log)
         reference = peers.population(target, self.target_percentile)
         if projected <= reference:
             return None

@@ -124,6 +124,16 @@ def test_a_rise_after_a_known_warm_up_is_not_held_against_the_trial() -> None:
     assert first_verdict(TrendPruner(), SPIKE, peers)[0] == 5
 
 
+def test_a_trial_lagging_by_half_its_warm_up_is_compared_at_its_age() -> None:
+    """A 6-epoch linear warm-up trains at half the learning rate on average: a trial three
+    epochs behind a good peer is kept when its warm-up is known, pruned when it is not."""
+    peers = peers_of(falling(30))
+    good = [2.0 * (0.36 / 2.0) ** (e / 19) for e in range(20)]
+    lagging = [2.0] * 3 + good[:17]
+    assert first_verdict(TrendPruner(), lagging, peers, params={"warmup_epochs": 6})[0] is None
+    assert first_verdict(TrendPruner(), lagging, peers)[0] == 5
+
+
 def test_no_comparison_at_the_epoch_the_learning_rate_restarts() -> None:
     peers = peers_of(falling(30))
     lr = [1.0, 0.8, 0.6, 0.4, 0.2, 0.1, 1.0, 0.8]

@@ -14,6 +14,7 @@ pruner's defaults were frozen; 3 (`*-c` tasks, issue 11) is a second fresh set, 
 after issue 11's defaults were first frozen; 4 (`*-d`) is a third, looked at only after the
 final defaults were chosen (see RESULTS.md, "History"); 5 (`*-e`) a fourth, generated at the
 start of the second issue-11 session and looked at after its first freeze; 6 (`*-f`) a fifth,
+generated after its second freeze and looked at before its last change; 7 (`*-g`) a sixth,
 generated after that session's final freeze.
 
 Why not wine: its validation split has 36 samples, and 50 of 210 wine runs (exploded ones
@@ -74,6 +75,11 @@ TASKS: dict[str, tuple[int, int, tuple[int, ...], int]] = {
     "digits-f": (6002, 30, (32, 64, 128, 256), 128),
     "synthetic6-f": (6004, 30, (32, 64, 128, 256), 128),
     "synthetic4-f": (6003, 30, (32, 64, 128, 256), 128),
+    # issue 11, fifth freeze (second session): generated after its final defaults
+    "breast_cancer-g": (7001, 30, (16, 32, 64, 128), 256),
+    "digits-g": (7002, 30, (32, 64, 128, 256), 128),
+    "synthetic6-g": (7004, 30, (32, 64, 128, 256), 128),
+    "synthetic4-g": (7003, 30, (32, 64, 128, 256), 128),
 }
 #: tasks whose curves all go to one part (the others: one in three to part 1)
 FIXED_PART = {"synthetic4": 1, "breast_cancer-b": 2, "digits-b": 2, "synthetic6-b": 2}
@@ -86,6 +92,8 @@ FIXED_PART.update({f"{name}-e": 5 for name in ("breast_cancer", "digits", "synth
 FIXED_PART["synthetic4-e"] = 5
 FIXED_PART.update({f"{name}-f": 6 for name in ("breast_cancer", "digits", "synthetic6")})
 FIXED_PART["synthetic4-f"] = 6
+FIXED_PART.update({f"{name}-g": 7 for name in ("breast_cancer", "digits", "synthetic6")})
+FIXED_PART["synthetic4-g"] = 7
 CLASSES = {"breast_cancer": 2, "digits": 10, "synthetic6": 6, "synthetic4": 4}
 
 

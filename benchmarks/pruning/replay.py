@@ -56,6 +56,7 @@ PARTS = {
     "fresh-3": 4,
     "fresh-4": 5,
     "fresh-5": 6,
+    "fresh-6": 7,
 }
 MODES = {"full": ("train_loss", "grad_norm", "lr"), "metric-only": ()}
 
