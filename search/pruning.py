@@ -164,7 +164,7 @@ class DivergencePruner(BasePruner):
         stall_tolerance: float = 0.05,
         stall_window: int = 5,
         overfit_margin: float = 0.05,
-        overfit_patience: int = 2,
+        overfit_patience: int = 3,
         good_percentile: float = 50.0,
         mark_infeasible: bool = True,
     ) -> None:

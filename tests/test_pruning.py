@@ -143,14 +143,14 @@ def test_a_rebound_after_a_good_best_ends_the_trial_at_its_best() -> None:
 
 def test_an_overfitting_run_ends_complete_at_its_best_instead_of_losing_it() -> None:
     """Issue 11: a trial with best 0.168 was stored PRUNED at 0.4077 and left out of
-    best_value. Now it ends at epoch 9 with its best 0.168 (epoch 6), feasible."""
+    best_value. Now it ends at epoch 10 with its best 0.168 (epoch 6), feasible."""
     values = [1.0, 0.5, 0.3, 0.2, 0.17, 0.168, 0.19, 0.23, 0.28, 0.33, 0.4077]
     train = [1.0, 0.5, 0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.06, 0.05, 0.04]
     for mode_train in (train, None):
         epoch, verdict = judge_each_epoch(
             default_pruner(), values, train=mode_train, peers=complete_peers(10)
         )
-        assert epoch == 9 and verdict is not None
+        assert epoch == 10 and verdict is not None
         assert (verdict.rule, verdict.end, verdict.infeasible) == ("overfitting", True, False)
         assert verdict.reason.endswith("ended at its best 0.168 (epoch 6)")
 
@@ -188,7 +188,7 @@ OVERFIT = [1.0, 0.5, 0.3, 0.2, 0.17, 0.168, 0.19, 0.23, 0.28, 0.33, 0.4077]
         ([2.0, 1.5, NAN], (3, "non-finite", False)),
         ([1.0, 0.95, 3.5, 3.6], (4, "explosion", False)),
         (FLAT, (5, "comparative", False)),
-        (OVERFIT, (9, "overfitting", True)),  # best 0.168: good, ended at its best
+        (OVERFIT, (10, "overfitting", True)),  # best 0.168: good, ended at its best
     ],
 )
 def test_the_same_decision_at_any_scale_and_sign(values: list[float], expected: tuple) -> None:

@@ -15,7 +15,8 @@ after issue 11's defaults were first frozen; 4 (`*-d`) is a third, looked at onl
 final defaults were chosen (see RESULTS.md, "History"); 5 (`*-e`) a fourth, generated at the
 start of the second issue-11 session and looked at after its first freeze; 6 (`*-f`) a fifth,
 generated after its second freeze and looked at before its last change; 7 (`*-g`) a sixth,
-generated after that session's final freeze.
+generated after the third freeze and looked at before `overfit_patience` went back to 3; 8
+(`*-h`) a seventh, generated after that last change.
 
 Why not wine: its validation split has 36 samples, and 50 of 210 wine runs (exploded ones
 among them) reach val_loss < 0.001, so "the 5 best curves" is a tie among dozens.
@@ -80,6 +81,11 @@ TASKS: dict[str, tuple[int, int, tuple[int, ...], int]] = {
     "digits-g": (7002, 30, (32, 64, 128, 256), 128),
     "synthetic6-g": (7004, 30, (32, 64, 128, 256), 128),
     "synthetic4-g": (7003, 30, (32, 64, 128, 256), 128),
+    # issue 11, last freeze (second session): generated after overfit_patience went to 3
+    "breast_cancer-h": (8001, 30, (16, 32, 64, 128), 256),
+    "digits-h": (8002, 30, (32, 64, 128, 256), 128),
+    "synthetic6-h": (8004, 30, (32, 64, 128, 256), 128),
+    "synthetic4-h": (8003, 30, (32, 64, 128, 256), 128),
 }
 #: tasks whose curves all go to one part (the others: one in three to part 1)
 FIXED_PART = {"synthetic4": 1, "breast_cancer-b": 2, "digits-b": 2, "synthetic6-b": 2}
@@ -94,6 +100,8 @@ FIXED_PART.update({f"{name}-f": 6 for name in ("breast_cancer", "digits", "synth
 FIXED_PART["synthetic4-f"] = 6
 FIXED_PART.update({f"{name}-g": 7 for name in ("breast_cancer", "digits", "synthetic6")})
 FIXED_PART["synthetic4-g"] = 7
+FIXED_PART.update({f"{name}-h": 8 for name in ("breast_cancer", "digits", "synthetic6")})
+FIXED_PART["synthetic4-h"] = 8
 CLASSES = {"breast_cancer": 2, "digits": 10, "synthetic6": 6, "synthetic4": 4}
 
 

@@ -57,6 +57,7 @@ PARTS = {
     "fresh-4": 5,
     "fresh-5": 6,
     "fresh-6": 7,
+    "fresh-7": 8,
 }
 MODES = {"full": ("train_loss", "grad_norm", "lr"), "metric-only": ()}
 
