@@ -44,11 +44,8 @@ def pg_url() -> str:
         if not _database_exists(url):
             _create_database(url)
     except sqlalchemy.exc.OperationalError as e:
-        pytest.fail(
-            f"PostgreSQL at {mask_url(url)} is not reachable ({e.orig}); start it or "
-            f"set {POSTGRES_ENV}",
-            pytrace=False,
-        )
+        pytest.fail(f"PostgreSQL at {mask_url(url)} is not reachable ({e.orig}); start it or "
+                    f"set {POSTGRES_ENV}", pytrace=False)
     return url
 
 

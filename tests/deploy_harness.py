@@ -390,3 +390,5 @@ def container_call(container: dict[str, Any]) -> list[str]:
 
 def doc_code() -> str:
     return "\n".join(re.findall(r"```(?:bash|sh)\n(.*?)```", DOCS.read_text(), re.DOTALL))
+
+

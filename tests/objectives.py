@@ -12,9 +12,8 @@ from typing import Any
 EPOCH_SECONDS = float(os.environ.get("SEARCH_TEST_EPOCH_SECONDS", "0.3"))
 
 
-def sleepy(
-    params: dict[str, Any], device: str, report: Any, checkpoint: Any = None, epochs: int = 5
-) -> None:
+def sleepy(params: dict[str, Any], device: str, report: Any, checkpoint: Any = None,
+           epochs: int = 5) -> None:
     """Sleeps per epoch like a GPU job; the loss falls towards (x - 0.3)^2. Checkpoints."""
     start = 0
     state = checkpoint.load() if checkpoint is not None else None
@@ -45,19 +44,13 @@ def env_probe(params: dict[str, Any], device: str, report: Any, epochs: int = 1)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     for epoch in range(epochs):
         time.sleep(EPOCH_SECONDS)
-        report(
-            epoch + 1,
-            {
-                "val_loss": float(params["x"]) ** 2,
-                "gpu": float(visible) if visible else -1.0,
-                "cuda0": float(device == "cuda:0"),
-            },
-        )
+        report(epoch + 1, {"val_loss": float(params["x"]) ** 2,
+                           "gpu": float(visible) if visible else -1.0,
+                           "cuda0": float(device == "cuda:0")})
 
 
-def oom_unless_accumulated(
-    params: dict[str, Any], device: str, report: Any, accumulation_steps: int = 1, epochs: int = 2
-) -> None:
+def oom_unless_accumulated(params: dict[str, Any], device: str, report: Any,
+                           accumulation_steps: int = 1, epochs: int = 2) -> None:
     """Like `oom_when_big`, but only micro-batches of 128+ run out of memory, so gradient
     accumulation (batch_size / accumulation_steps) makes the config fit."""
     import torch
@@ -76,9 +69,8 @@ def broken(params: dict[str, Any], device: str, report: Any) -> None:
 _TRIALS_IN_THIS_PROCESS = [0]
 
 
-def dies_after_one_trial(
-    params: dict[str, Any], device: str, report: Any, epochs: int = 1
-) -> None:
+def dies_after_one_trial(params: dict[str, Any], device: str, report: Any,
+                         epochs: int = 1) -> None:
     """Like `sleepy` for one trial per process; the process then exits with
     `SEARCH_TEST_EXIT_CODE` at the start of its next trial (a crash, or 75: "recycle me")."""
     _TRIALS_IN_THIS_PROCESS[0] += 1
@@ -135,9 +127,8 @@ def boom(params: dict[str, Any], device: str, report: Any) -> None:
     raise RuntimeError("boom")
 
 
-def saves_big(
-    params: dict[str, Any], device: str, report: Any, checkpoint: Any = None, epochs: int = 2
-) -> None:
+def saves_big(params: dict[str, Any], device: str, report: Any, checkpoint: Any = None,
+              epochs: int = 2) -> None:
     """Checkpoints 4 MB of weights each epoch (fills a small checkpoint folder)."""
     import torch
 

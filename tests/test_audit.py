@@ -48,9 +48,7 @@ def test_aggressive_setting_prunes_more_and_spends_less(audited) -> None:
 
 def test_parse_setting_reads_yaml_values() -> None:
     assert parse_setting("default:divergence_margin=0.5,rules=[non-finite]") == (
-        "default",
-        {"divergence_margin": 0.5, "rules": ["non-finite"]},
-    )
+        "default", {"divergence_margin": 0.5, "rules": ["non-finite"]})
     with pytest.raises(AuditError, match="expected NAME:key=value"):
         parse_setting("median:oops")
 
@@ -58,9 +56,8 @@ def test_parse_setting_reads_yaml_values() -> None:
 def test_audit_command_json_and_bad_setting(audited) -> None:
     url, _ = audited
     runner = CliRunner()
-    result = runner.invoke(
-        app, ["audit", "audited", "--storage", url, "--pruner", "median", "--json"]
-    )
+    result = runner.invoke(app, ["audit", "audited", "--storage", url, "--pruner", "median",
+                                 "--json"])
     assert result.exit_code == 0, result.output
     assert [r["setting"] for r in json.loads(result.stdout)] == ["actual", "median"]
     table = runner.invoke(app, ["audit", "audited", "--storage", url])

@@ -93,25 +93,13 @@ def test_an_unwritable_folder_is_one_clear_error(tmp_path: Path) -> None:
 def test_a_worker_refuses_an_unwritable_checkpoint_folder_at_start(
     sqlite_url: str, study_name: str, tmp_path: Path
 ) -> None:
-    create_or_load_study(
-        spec_from_dict(sleepy_spec(study_name, n_trials=1)), open_storage(sqlite_url)
-    )
+    create_or_load_study(spec_from_dict(sleepy_spec(study_name, n_trials=1)),
+                         open_storage(sqlite_url))
     (tmp_path / "a-file").write_text("")
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "search",
-            "worker",
-            study_name,
-            "--checkpoint-dir",
-            str(tmp_path / "a-file" / "ckpt"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=cli_env(sqlite_url),
-    )
+        [sys.executable, "-m", "search", "worker", study_name, "--checkpoint-dir",
+         str(tmp_path / "a-file" / "ckpt")],
+        capture_output=True, text=True, timeout=120, env=cli_env(sqlite_url))
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: cannot create checkpoint folder"), last
@@ -137,18 +125,10 @@ def test_a_full_disk_says_disk_full_and_leaves_no_temp_file(tmp_path: Path) -> N
     folder = tmp_path / "small"
     folder.mkdir()
     # A real 256 KiB tmpfs, mounted in a private user+mount namespace (no root needed).
-    script = (
-        f"mount -t tmpfs -o size=256k tmpfs {folder} && {sys.executable} -c "
-        f"'{_FILL}' {folder} && ls -A {folder}/*"
-    )
-    result = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=cli_env(),
-        cwd=REPO,
-    )
+    script = (f"mount -t tmpfs -o size=256k tmpfs {folder} && {sys.executable} -c "
+              f"'{_FILL}' {folder} && ls -A {folder}/*")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True,
+                            text=True, timeout=120, env=cli_env(), cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "DiskFullError: cannot save checkpoint" in result.stdout
     assert "disk full" in result.stdout
@@ -168,16 +148,12 @@ def test_a_new_study_with_a_reused_name_never_resumes_the_old_ones_checkpoints(
     uuids = []
     for _ in range(2):  # the same name twice: `rm search.db` and start over
         study = create_or_load_study(
-            spec_from_dict(sleepy_spec(study_name, n_trials=2, epochs=3)), open_storage(url)
-        )
+            spec_from_dict(sleepy_spec(study_name, n_trials=2, epochs=3)), open_storage(url))
         uuids.append(study.user_attrs[record.STUDY_UUID])
         worker = subprocess.run(
             [sys.executable, "-m", "search", "worker", study_name, "--checkpoint-dir", str(ckpt)],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            env=cli_env(url, SEARCH_TEST_EPOCH_SECONDS="0.05"),
-        )
+            capture_output=True, text=True, timeout=180,
+            env=cli_env(url, SEARCH_TEST_EPOCH_SECONDS="0.05"))
         assert worker.returncode == 0, worker.stderr[-3000:]
         trials = optuna.load_study(study_name=study_name, storage=open_storage(url)).trials
         assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
@@ -195,6 +171,7 @@ def test_the_study_uuid_is_set_once(sqlite_url: str, study_name: str) -> None:
     assert first == again and len(first) == 32
 
 
+
 @pytest.mark.slow
 def test_a_worker_on_a_full_checkpoint_folder_hands_the_trial_back_and_says_disk_full(
     tmp_path: Path, study_name: str
@@ -206,17 +183,10 @@ def test_a_worker_on_a_full_checkpoint_folder_hands_the_trial_back_and_says_disk
     folder.mkdir()
     worker = f"{sys.executable} -m search worker {study_name} --checkpoint-dir {folder}"
     # A real 256 KiB tmpfs, mounted in a private user+mount namespace (no root needed).
-    script = (
-        f"mount -t tmpfs -o size=256k tmpfs {folder} && {worker}; echo rc=$?; ls -A {folder}/*"
-    )
-    result = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=cli_env(url),
-        cwd=REPO,
-    )
+    script = (f"mount -t tmpfs -o size=256k tmpfs {folder} && {worker}; echo rc=$?; "
+              f"ls -A {folder}/*")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True,
+                            text=True, timeout=180, env=cli_env(url), cwd=REPO)
     assert "rc=2" in result.stdout, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: cannot save checkpoint") and "disk full" in last, last

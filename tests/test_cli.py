@@ -38,9 +38,8 @@ def test_top_level_help_lists_the_commands() -> None:
 
 def test_bad_spec_exits_2_with_one_line(tmp_path, write_spec) -> None:
     path = write_spec({**base_spec("x"), "n_trials": -3})
-    result = runner.invoke(
-        app, ["launch", str(path), "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}"]
-    )
+    result = runner.invoke(app, ["launch", str(path), "--storage",
+                                 f"sqlite:///{tmp_path / 'db.sqlite'}"])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -48,12 +47,12 @@ def test_bad_spec_exits_2_with_one_line(tmp_path, write_spec) -> None:
 
 
 def test_unreachable_storage_exits_2_without_password() -> None:
-    result = runner.invoke(app, ["status", "--storage", "postgresql://u:hunter2@127.0.0.1:1/db"])
+    result = runner.invoke(app, ["status", "--storage",
+                                 "postgresql://u:hunter2@127.0.0.1:1/db"])
     assert result.exit_code == 2
     assert "hunter2" not in result.output + result.stderr
     assert result.stderr.splitlines()[-1].startswith(
-        "Error: cannot open storage postgresql://u:***@127.0.0.1:1/db (127.0.0.1:1/db): "
-    )
+        "Error: cannot open storage postgresql://u:***@127.0.0.1:1/db (127.0.0.1:1/db): ")
 
 
 def test_unknown_study_exits_2(sqlite_url: str) -> None:
@@ -93,15 +92,8 @@ def test_worker_rejects_a_bad_device() -> None:
         (["lunch"], "Error: No such command 'lunch'."),
         (["--bogus"], "Error: No such option: --bogus"),
     ],
-    ids=[
-        "missing-argument",
-        "unknown-option",
-        "not-an-int",
-        "below-min",
-        "status",
-        "command",
-        "top-level-option",
-    ],
+    ids=["missing-argument", "unknown-option", "not-an-int", "below-min", "status", "command",
+         "top-level-option"],
 )
 def test_usage_error_is_one_plain_line(args: list[str], message: str) -> None:
     result = runner.invoke(app, args)
@@ -121,24 +113,14 @@ def test_version() -> None:
 
 
 def test_real_subprocess_usage_error_is_one_line() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "search", "launch"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env(),
-    )
+    result = subprocess.run([sys.executable, "-m", "search", "launch"], capture_output=True,
+                            text=True, timeout=60, env=cli_env())
     assert result.returncode == 2
     assert result.stderr == "Error: Missing argument 'SPEC'.\n"
 
 
 def test_real_subprocess_entry_point() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "search", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env(),
-    )
+    result = subprocess.run([sys.executable, "-m", "search", "--help"], capture_output=True,
+                            text=True, timeout=60, env=cli_env())
     assert result.returncode == 0
     assert "launch" in result.stdout

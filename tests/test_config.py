@@ -38,13 +38,8 @@ def _workers(**fields: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("setting", "cli", "env", "file", "expected"),
     [
-        (
-            "storage",
-            "sqlite:///cli.db",
-            "sqlite:///env.db",
-            {"storage": "sqlite:///f.db"},
-            "sqlite:///cli.db",
-        ),
+        ("storage", "sqlite:///cli.db", "sqlite:///env.db", {"storage": "sqlite:///f.db"},
+         "sqlite:///cli.db"),
         ("storage", None, "sqlite:///env.db", {"storage": "sqlite:///f.db"}, "sqlite:///env.db"),
         ("storage", None, "", {"storage": "sqlite:///f.db"}, "sqlite:///f.db"),
         ("storage", None, None, {}, "sqlite:///search.db"),
@@ -63,14 +58,8 @@ def _workers(**fields: Any) -> dict[str, Any]:
         ("max_failures", None, None, {"n_trials": 2}, 5),
     ],
 )
-def test_precedence(
-    monkeypatch: pytest.MonkeyPatch,
-    setting: str,
-    cli: Any,
-    env: str | None,
-    file: dict[str, Any],
-    expected: Any,
-) -> None:
+def test_precedence(monkeypatch: pytest.MonkeyPatch, setting: str, cli: Any, env: str | None,
+                    file: dict[str, Any], expected: Any) -> None:
     for name in ENV.values():
         monkeypatch.delenv(name, raising=False)
     if env is not None:
@@ -82,17 +71,15 @@ def test_precedence(
 
 
 @pytest.mark.parametrize("value", ["soon", "-1", "nan"])
-def test_a_bad_connect_timeout_is_one_clear_error(
-    monkeypatch: pytest.MonkeyPatch, value: str
-) -> None:
+def test_a_bad_connect_timeout_is_one_clear_error(monkeypatch: pytest.MonkeyPatch,
+                                                  value: str) -> None:
     monkeypatch.setenv(config.CONNECT_TIMEOUT_ENV, value)
     with pytest.raises(StorageError, match=f"SEARCH_CONNECT_TIMEOUT must be .* got '{value}'"):
         config.connect_timeout()
 
 
-def test_the_cli_uses_the_environment_over_the_study_file(
-    tmp_path: Path, write_spec, study_name: str
-) -> None:
+def test_the_cli_uses_the_environment_over_the_study_file(tmp_path: Path, write_spec,
+                                                          study_name: str) -> None:
     from_file = f"sqlite:///{tmp_path / 'file.db'}"
     from_env = f"sqlite:///{tmp_path / 'env.db'}"
     path = write_spec({**base_spec(study_name), "storage": from_file})

@@ -35,10 +35,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 def _serve(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     process = subprocess.Popen(
         [sys.executable, "-m", "search", "dashboard", *args, "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
     )
     try:
         assert process.stdout is not None
@@ -56,9 +53,8 @@ def served(finished: tuple[str, str]) -> Iterator[tuple[subprocess.Popen[str], s
     yield from _serve(finished[1], "--storage", finished[0], "--token", TOKEN)
 
 
-def _call(
-    url: str, method: str = "GET", token: str | None = TOKEN, data: bytes | None = None
-) -> tuple[int, bytes]:
+def _call(url: str, method: str = "GET", token: str | None = TOKEN, data: bytes | None = None
+          ) -> tuple[int, bytes]:
     request = urllib.request.Request(url, method=method, data=data)
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
@@ -112,9 +108,8 @@ def test_read_only_dashboard_refuses_writes(served, finished, method: str) -> No
     assert code == 403 and b"read-only" in body
     code, _ = _call(f"{base}/api/studies/{study_id}/note", method, data=b'{"body": "x"}')
     assert code == 403
-    assert [
-        s.study_name for s in optuna.get_all_study_summaries(open_storage_read_only(finished[0]))
-    ] == [finished[1]]
+    assert [s.study_name for s in optuna.get_all_study_summaries(
+        open_storage_read_only(finished[0]))] == [finished[1]]
 
 
 def test_wrong_or_missing_token_is_refused(served) -> None:
@@ -127,9 +122,8 @@ def test_wrong_or_missing_token_is_refused(served) -> None:
         assert "search_dashboard_token=" in response.headers["Set-Cookie"]
 
 
-def test_read_only_database_refuses_a_write_the_guard_lets_through(
-    pg_url: str, study_name: str
-) -> None:
+def test_read_only_database_refuses_a_write_the_guard_lets_through(pg_url: str,
+                                                                   study_name: str) -> None:
     """Even with the guard open (allow_writes), a read-only PostgreSQL session cannot delete."""
     study = optuna.create_study(storage=open_storage(pg_url), study_name=study_name)
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
@@ -158,12 +152,8 @@ def test_allow_writes_pushes_the_pruning_plot_into_the_dashboard(tmp_path: Path)
         detail = _study_detail(base, url, "writable")
         assert [g["id"] for g in detail["plotly_graph_objects"]] == ["search-curves"]
         study_id = open_storage_read_only(url).get_study_id_from_name("writable")
-        code, _ = _call(
-            f"{base}/api/studies/{study_id}/note",
-            "PUT",
-            token=None,
-            data=b'{"version": 1, "body": "reviewed"}',
-        )
+        code, _ = _call(f"{base}/api/studies/{study_id}/note", "PUT", token=None,
+                        data=b'{"version": 1, "body": "reviewed"}')
         assert code == 204
     finally:
         served.close()
@@ -174,24 +164,11 @@ def test_guard_rejects_an_empty_token() -> None:
         Guard(lambda e, s: [], token="")
 
 
-def test_dashboard_on_a_missing_sqlite_file_is_one_line_and_creates_nothing(
-    tmp_path: Path,
-) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "search",
-            "dashboard",
-            "--storage",
-            f"sqlite:///{tmp_path / 'typo.db'}",
-        ],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=60,
-        cwd=tmp_path,
-    )
+def test_dashboard_on_a_missing_sqlite_file_is_one_line_and_creates_nothing(tmp_path: Path
+                                                                           ) -> None:
+    result = subprocess.run([sys.executable, "-m", "search", "dashboard", "--storage",
+                             f"sqlite:///{tmp_path / 'typo.db'}"], capture_output=True,
+                            text=True, env=cli_env(), timeout=60, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("Error: no SQLite file")
     assert len(result.stderr.strip().splitlines()) == 1

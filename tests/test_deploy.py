@@ -207,10 +207,8 @@ def test_compose_file_is_valid_under_the_compose_specification() -> None:
     config = compose_config(PASSWORD_SET)
     assert "dashboard" in config["services"]
     assert compose_schema_errors(config) == []
-    assert (
-        "not-a-real-password@postgres:5432/search"
-        in config["services"]["worker"]["environment"]["SEARCH_STORAGE"]
-    )
+    assert "not-a-real-password@postgres:5432/search" in config["services"]["worker"][
+        "environment"]["SEARCH_STORAGE"]
 
 
 def test_compose_refuses_to_start_without_postgres_password() -> None:

@@ -31,9 +31,8 @@ def _same(a: float | None, b: float | None) -> bool:
 def test_json_export_round_trips_every_trial(exported, tmp_path: Path) -> None:
     url, study = exported
     out = tmp_path / "trials.json"
-    result = CliRunner().invoke(
-        app, ["export", "exported", "--storage", url, "--format", "json", "-o", str(out)]
-    )
+    result = CliRunner().invoke(app, ["export", "exported", "--storage", url, "--format",
+                                      "json", "-o", str(out)])
     assert result.exit_code == 0, result.output
     loaded = trials_from_json(out.read_text())
     original = study.get_trials()
@@ -43,9 +42,8 @@ def test_json_export_round_trips_every_trial(exported, tmp_path: Path) -> None:
         assert back.params == trial.params and back.distributions == trial.distributions
         assert back.user_attrs == trial.user_attrs
         assert set(back.intermediate_values) == set(trial.intermediate_values)
-        assert all(
-            _same(back.intermediate_values[s], v) for s, v in trial.intermediate_values.items()
-        )
+        assert all(_same(back.intermediate_values[s], v)
+                   for s, v in trial.intermediate_values.items())
         if trial.state == optuna.trial.TrialState.COMPLETE:
             assert back.value == trial.value
     copy = optuna.create_study(direction="minimize")
@@ -75,13 +73,10 @@ def test_csv_export_has_one_row_per_trial_with_params_as_columns(exported) -> No
     assert len(json.loads(complete["intermediate_values"])) == 6
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["exported", "--format", "xml"], "expected csv or json"),
-        (["nosuch"], "no study 'nosuch'"),
-    ],
-)
+@pytest.mark.parametrize("args, message", [
+    (["exported", "--format", "xml"], "expected csv or json"),
+    (["nosuch"], "no study 'nosuch'"),
+])
 def test_bad_export_input_is_one_error_line(exported, args: list[str], message: str) -> None:
     url, _ = exported
     result = CliRunner().invoke(app, ["export", *args, "--storage", url])

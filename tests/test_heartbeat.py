@@ -39,8 +39,7 @@ def test_a_beating_trial_is_not_reaped(sqlite_url: str, study_name: str) -> None
 
 
 def test_a_trial_that_never_beat_is_reaped_after_the_grace_period(
-    sqlite_url: str, study_name: str
-) -> None:
+        sqlite_url: str, study_name: str) -> None:
     study, storage = _study(sqlite_url, study_name)
     study.ask()  # its worker "died" between claiming the trial and its first heartbeat
     assert reap_stale_trials(study, storage, grace_period=2, max_retries=1) == 0
@@ -53,8 +52,7 @@ def test_a_trial_that_never_beat_is_reaped_after_the_grace_period(
 
 
 def test_two_reapers_racing_on_one_stale_trial_queue_one_retry(
-    pg_url: str, study_name: str
-) -> None:
+        pg_url: str, study_name: str) -> None:
     study, storage = _study(pg_url, study_name)
     trial = study.ask({"x": optuna.distributions.FloatDistribution(-1, 1)})
     storage.record_heartbeat(trial._trial_id)
@@ -73,14 +71,12 @@ def test_two_reapers_racing_on_one_stale_trial_queue_one_retry(
 
 
 def test_fail_and_requeue_of_a_finished_trial_does_nothing(
-    sqlite_url: str, study_name: str
-) -> None:
+        sqlite_url: str, study_name: str) -> None:
     study, storage = _study(sqlite_url, study_name)
     trial = study.ask({"x": optuna.distributions.FloatDistribution(-1, 1)})
     study.tell(trial, 0.5)
-    assert not fail_and_requeue(
-        storage, study._study_id, trial._trial_id, Outcome.HEARTBEAT_LOST, max_retries=1
-    )
+    assert not fail_and_requeue(storage, study._study_id, trial._trial_id,
+                                Outcome.HEARTBEAT_LOST, max_retries=1)
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
 
 
@@ -94,9 +90,8 @@ def test_retries_stop_after_max_retries(sqlite_url: str, study_name: str) -> Non
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL] * 3
 
 
-def test_worker_reaps_an_orphan_and_meets_the_budget(
-    pg_url: str, study_name: str, tmp_path: Path
-) -> None:
+def test_worker_reaps_an_orphan_and_meets_the_budget(pg_url: str, study_name: str,
+                                                     tmp_path: Path) -> None:
     study, _ = _study(pg_url, study_name, grace=3)
     study.set_user_attr("n_trials", 3)
     orphan = study.ask()

@@ -99,34 +99,17 @@ def test_no_import_cycle_among_the_package_modules() -> None:
 @pytest.mark.parametrize(
     ("sources", "cycle"),
     [
-        (
-            {"a": "from pkg import b", "b": "import pkg.c", "c": "from pkg.a import x"},
-            ["pkg.a", "pkg.b", "pkg.c", "pkg.a"],
-        ),
+        ({"a": "from pkg import b", "b": "import pkg.c", "c": "from pkg.a import x"},
+         ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]),
         ({"a": "from . import b", "b": "from .a import x"}, ["pkg.a", "pkg.b", "pkg.a"]),
         ({"a": "from pkg import b", "b": "def f():\n    from pkg import a"}, None),
-        (
-            {
-                "a": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import b",
-                "b": "from pkg import a",
-            },
-            None,
-        ),
-        (
-            {
-                "a": "try:\n    from pkg import b\nexcept ImportError:\n    pass",
-                "b": "from pkg import a",
-            },
-            ["pkg.a", "pkg.b", "pkg.a"],
-        ),
+        ({"a": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import b",
+          "b": "from pkg import a"}, None),
+        ({"a": "try:\n    from pkg import b\nexcept ImportError:\n    pass",
+          "b": "from pkg import a"}, ["pkg.a", "pkg.b", "pkg.a"]),
     ],
-    ids=[
-        "three-modules",
-        "relative",
-        "function-level-ignored",
-        "type-checking-ignored",
-        "try-counts",
-    ],
+    ids=["three-modules", "relative", "function-level-ignored", "type-checking-ignored",
+         "try-counts"],
 )
 def test_the_cycle_finder_sees_module_level_imports_only(
     tmp_path: Path, sources: dict[str, str], cycle: list[str] | None
@@ -148,14 +131,8 @@ def test_importing_the_package_or_the_cli_loads_no_heavy_library(module: str) ->
         "print(sorted(m for m in ('optuna', 'sqlalchemy', 'pydantic', 'torch', 'sklearn') "
         "if m in sys.modules))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env(),
-        check=True,
-    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env=cli_env(), check=True)
     assert result.stdout.strip() == "[]"
 
 

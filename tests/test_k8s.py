@@ -69,16 +69,13 @@ def _restart_policy_as_a_list(job: dict[str, Any]) -> None:
     job["spec"]["template"]["spec"]["restartPolicy"] = ["OnFailure"]
 
 
-@pytest.mark.parametrize(
-    ("break_it", "message"),
-    [
-        (_misspell_command, "'comand' was unexpected"),
-        (_drop_container_name, "'name' is a required property"),
-        (_parallelism_as_words, "'four' is not of type 'integer'"),
-        (_env_at_pod_level, "'env' was unexpected"),
-        (_restart_policy_as_a_list, "is not of type 'string'"),
-    ],
-)
+@pytest.mark.parametrize(("break_it", "message"), [
+    (_misspell_command, "'comand' was unexpected"),
+    (_drop_container_name, "'name' is a required property"),
+    (_parallelism_as_words, "'four' is not of type 'integer'"),
+    (_env_at_pod_level, "'env' was unexpected"),
+    (_restart_policy_as_a_list, "is not of type 'string'"),
+])
 def test_the_validator_rejects_a_broken_job(break_it: Any, message: str) -> None:
     job = copy.deepcopy(_worker_job())
     break_it(job)

@@ -19,20 +19,11 @@ from search.spec import spec_from_dict
 
 @pytest.mark.parametrize(
     ("returned", "expected"),
-    [
-        (0.5, 0.5),
-        (3, 3.0),
-        (np.float64(0.25), 0.25),
-        (math.nan, None),
-        (math.inf, None),
-        (None, None),
-        ("0.5", None),
-        (True, None),
-    ],
+    [(0.5, 0.5), (3, 3.0), (np.float64(0.25), 0.25), (math.nan, None), (math.inf, None),
+     (None, None), ("0.5", None), (True, None)],
 )
-def test_a_returned_value_is_a_finite_number_or_none(
-    returned: object, expected: float | None
-) -> None:
+def test_a_returned_value_is_a_finite_number_or_none(returned: object,
+                                                     expected: float | None) -> None:
     assert returned_value(returned) == expected
 
 

@@ -33,9 +33,7 @@ def test_configs_at_least_as_large_are_blocked_on_that_device_type(study: optuna
     registry = OomRegistry(study, "cpu")
     registry.record({"batch_size": 64, "width": 128}, trial_number=3)
     assert registry.blocking_record({"batch_size": 128, "width": 128, "depth": 2}) == {
-        "batch_size": 64,
-        "width": 128,
-    }
+        "batch_size": 64, "width": 128}
     assert registry.blocking_record({"batch_size": 128, "width": 64}) is None
     assert OomRegistry(study, "cpu").records() == [{"batch_size": 64, "width": 128, "trial": 3}]
 

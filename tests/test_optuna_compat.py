@@ -14,17 +14,8 @@ from search import optuna_compat
 from search.storage import open_storage
 
 PACKAGE = Path(__file__).resolve().parent.parent / "search"
-PRIVATE = (
-    "_storage",
-    "_trial_id",
-    "_study_id",
-    "_backend",
-    "_cached_frozen_trial",
-    "_rng",
-    "_get_stale_trial_ids",
-    "_version_manager",
-    "_thread_local",
-)
+PRIVATE = ("_storage", "_trial_id", "_study_id", "_backend", "_cached_frozen_trial", "_rng",
+           "_get_stale_trial_ids", "_version_manager", "_thread_local")
 
 
 def test_optuna_private_names_are_used_only_in_optuna_compat() -> None:
@@ -38,11 +29,8 @@ def test_optuna_private_names_are_used_only_in_optuna_compat() -> None:
                 owner = node.value
                 if not (isinstance(owner, ast.Name) and owner.id == "self"):
                     offenders.append(f"{path.name}:{node.lineno} .{node.attr}")
-            if (
-                isinstance(node, ast.ImportFrom)
-                and "._" in (node.module or "")
-                and (node.module or "").startswith("optuna")
-            ):
+            if isinstance(node, ast.ImportFrom) and "._" in (node.module or "") and (
+                    node.module or "").startswith("optuna"):
                 offenders.append(f"{path.name}:{node.lineno} from {node.module}")
     assert offenders == []
 
@@ -56,9 +44,8 @@ def test_ids_and_the_rdb_behind_the_cache(study: optuna.Study) -> None:
     trial = study.ask()
     assert optuna_compat.trial_id(trial) == study.trials[0]._trial_id
     assert optuna_compat.study_id(study) == study._study_id
-    assert isinstance(
-        optuna_compat.rdb(optuna_compat.storage_of(study)), optuna.storages.RDBStorage
-    )
+    assert isinstance(optuna_compat.rdb(optuna_compat.storage_of(study)),
+                      optuna.storages.RDBStorage)
     assert optuna_compat.is_rdb(optuna_compat.storage_of(study))
     assert not optuna_compat.is_rdb(optuna.create_study()._storage)
 
@@ -84,15 +71,12 @@ def test_fail_and_replace_queues_the_retry_in_the_same_step(study: optuna.Study)
     trial = study.ask()
     trial.suggest_float("x", 0, 1)
     frozen = storage.get_trial(trial._trial_id)
-    template = optuna.trial.create_trial(
-        state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions
-    )
-    assert optuna_compat.fail_and_replace(
-        storage, sid, frozen._trial_id, attrs={"fail_reason": "x"}, retry=template
-    )
-    assert not optuna_compat.fail_and_replace(
-        storage, sid, frozen._trial_id, attrs={}, retry=template
-    )
+    template = optuna.trial.create_trial(state=TrialState.WAITING, params=frozen.params,
+                                         distributions=frozen.distributions)
+    assert optuna_compat.fail_and_replace(storage, sid, frozen._trial_id,
+                                          attrs={"fail_reason": "x"}, retry=template)
+    assert not optuna_compat.fail_and_replace(storage, sid, frozen._trial_id, attrs={},
+                                              retry=template)
     failed, retry = study.get_trials()
     assert (failed.state, failed.user_attrs) == (TrialState.FAIL, {"fail_reason": "x"})
     assert retry.state == TrialState.WAITING and retry.params == failed.params
@@ -105,8 +89,7 @@ def test_stale_running_by_heartbeat_or_start(study: optuna.Study) -> None:
     assert optuna_compat.stale_running(storage, sid, grace_period=60) == []
     time.sleep(2.1)
     assert sorted(optuna_compat.stale_running(storage, sid, grace_period=1)) == sorted(
-        [beating._trial_id, silent._trial_id]
-    )
+        [beating._trial_id, silent._trial_id])
 
 
 def test_counts_schema_and_reseed(study: optuna.Study) -> None:
@@ -114,9 +97,7 @@ def test_counts_schema_and_reseed(study: optuna.Study) -> None:
     study.tell(study.ask(), 1.0)
     study.ask()
     assert optuna_compat.count_states(storage, optuna_compat.study_id(study)) == {
-        "COMPLETE": 1,
-        "RUNNING": 1,
-    }
+        "COMPLETE": 1, "RUNNING": 1}
     assert optuna_compat.schema_problem(storage) is None
     sampler = optuna.samplers.TPESampler()
     optuna_compat.reseed_sampler(sampler, 7)
@@ -127,8 +108,7 @@ def test_counts_schema_and_reseed(study: optuna.Study) -> None:
 
 def test_cached_backend_calls_are_read_from_optunas_cache() -> None:
     assert {"_get_trials", "_set_trial_param", "_create_new_trial", "get_trial"} <= (
-        optuna_compat.cached_backend_calls()
-    )
+        optuna_compat.cached_backend_calls())
 
 
 def test_note_intermediate_reaches_optunas_pruners(study: optuna.Study) -> None:
@@ -169,16 +149,14 @@ def test_recent_trials_keeps_the_latest_finished_and_every_running_trial() -> No
 def test_the_recent_tpe_sampler_samples_from_a_windowed_study() -> None:
     from search.study import RecentTPESampler
 
-    study = optuna.create_study(
-        sampler=RecentTPESampler(seed=0, n_startup_trials=2, constant_liar=True, multivariate=True)
-    )
+    study = optuna.create_study(sampler=RecentTPESampler(seed=0, n_startup_trials=2,
+                                                         constant_liar=True, multivariate=True))
     study.optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.5) ** 2, n_trials=15)
     assert study.best_value < 0.05
 
 
-def test_concurrent_appends_to_a_study_attribute_are_all_kept(
-    pg_url: str, study_name: str
-) -> None:
+def test_concurrent_appends_to_a_study_attribute_are_all_kept(pg_url: str,
+                                                               study_name: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     study = optuna.create_study(study_name=study_name, storage=open_storage(pg_url))

@@ -159,9 +159,7 @@ def test_workers_behind_transaction_pooling_meet_the_exact_budget_after_a_kill(
     spec = write_spec(sleepy_spec(study_name, n_trials=n_trials, epochs=3))
     subprocess.run(
         [sys.executable, "-m", "search", "create", str(spec)],
-        env=cli_env(bouncer.url),
-        check=True,
-        capture_output=True,
+        env=cli_env(bouncer.url), check=True, capture_output=True,
     )
     # A first worker alone is killed -9 in the middle of a trial; three more then share the
     # study through the bouncer, reap the dead trial, retry it and meet the budget.

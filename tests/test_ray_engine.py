@@ -44,49 +44,31 @@ MB = 1024 * 1024
     ("nodes", "per_gpu", "cap", "expected"),
     [
         # one actor per GPU of every node, each asking for a whole GPU and no CPU
-        (
-            [NodeInfo("b", 2, 8), NodeInfo("a", 1, 8)],
-            1,
-            None,
-            [("a", 0, 1, 0), ("b", 0, 1, 0), ("b", 1, 1, 0)],
-        ),
+        ([NodeInfo("b", 2, 8), NodeInfo("a", 1, 8)], 1, None, [("a", 0, 1, 0), ("b", 0, 1, 0),
+                                                              ("b", 1, 1, 0)]),
         # K workers per GPU ask for 1/K GPU each
         ([NodeInfo("a", 1, 8)], 2, None, [("a", 0, 0.5, 0), ("a", 1, 0.5, 0)]),
         # a CPU-only node next to GPU nodes gets nothing
         ([NodeInfo("a", 0, 64), NodeInfo("b", 1, 4)], 1, None, [("b", 0, 1, 0)]),
         # no GPU anywhere: one CPU actor per 2 cores, at least one per node
-        (
-            [NodeInfo("a", 0, 5), NodeInfo("b", 0, 1)],
-            1,
-            None,
-            [("a", 0, 0, 2), ("a", 1, 0, 2), ("b", 0, 0, 1)],
-        ),
+        ([NodeInfo("a", 0, 5), NodeInfo("b", 0, 1)], 1, None, [("a", 0, 0, 2), ("a", 1, 0, 2),
+                                                              ("b", 0, 0, 1)]),
         # --workers caps the total, filling nodes in id order
-        (
-            [NodeInfo("b", 4, 8), NodeInfo("a", 4, 8)],
-            1,
-            5,
-            [("a", i, 1, 0) for i in range(4)] + [("b", 0, 1, 0)],
-        ),
+        ([NodeInfo("b", 4, 8), NodeInfo("a", 4, 8)], 1, 5, [("a", i, 1, 0) for i in range(4)]
+         + [("b", 0, 1, 0)]),
     ],
 )
 def test_plan_keeps_one_actor_per_gpu_or_cpu_actors_without_gpus(
-    nodes: list[NodeInfo],
-    per_gpu: int,
-    cap: int | None,
-    expected: list[tuple[str, int, float, float]],
-) -> None:
+        nodes: list[NodeInfo], per_gpu: int, cap: int | None,
+        expected: list[tuple[str, int, float, float]]) -> None:
     plan = plan_actors(nodes, workers_per_gpu=per_gpu, max_workers=cap)
     assert plan == [ActorSlot(*slot) for slot in expected]
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"workers_per_gpu": 0}, "workers_per_gpu must be >= 1, but got workers_per_gpu=0"),
-        ({"max_workers": 0}, "max_workers must be >= 1, but got max_workers=0"),
-    ],
-)
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"workers_per_gpu": 0}, "workers_per_gpu must be >= 1, but got workers_per_gpu=0"),
+    ({"max_workers": 0}, "max_workers must be >= 1, but got max_workers=0"),
+])
 def test_plan_rejects_bad_counts(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         plan_actors([NodeInfo("a", 1, 1)], **kwargs)
@@ -110,18 +92,11 @@ def test_package_and_cli_work_without_ray(tmp_path: Path) -> None:
     )
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(sleepy_spec("no-ray")))
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(spec)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env(),
-        cwd=REPO,
-    )
+    result = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True,
+                            text=True, timeout=60, env=cli_env(), cwd=REPO)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "Error: --ray needs Ray, which is not installed: pip install 'gridfleet-search[ray]'"
-    ]
+        "Error: --ray needs Ray, which is not installed: pip install 'gridfleet-search[ray]'"]
 
 
 def _free_port() -> int:
@@ -135,23 +110,9 @@ def test_unreachable_cluster_is_a_one_line_error(tmp_path: Path) -> None:
     spec.write_text(yaml.safe_dump(sleepy_spec("no-cluster")))
     address = f"127.0.0.1:{_free_port()}"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "search",
-            "launch",
-            str(spec),
-            "--ray",
-            address,
-            "--storage",
-            f"sqlite:///{tmp_path / 'x.db'}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env(),
-        cwd=tmp_path,
-    )
+        [sys.executable, "-m", "search", "launch", str(spec), "--ray", address,
+         "--storage", f"sqlite:///{tmp_path / 'x.db'}"],
+        capture_output=True, text=True, timeout=60, env=cli_env(), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"Error: cannot connect to the Ray cluster at '{address}'")
@@ -185,20 +146,13 @@ def cluster(crash_dir: Path, hold_file: Path) -> Iterator[Any]:
         env.setenv("SEARCH_TEST_HOLD_FILE", str(hold_file))
         env.setenv("RAY_DEDUP_LOGS", "0")
         node = {"num_cpus": 1, "num_gpus": GPUS_PER_NODE, "object_store_memory": 80 * MB}
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                **node,
-                "redis_port": _free_port(),
-                "include_dashboard": False,
-                # notice a lost node within seconds (defaults: 30 s)
-                "_system_config": {
-                    "health_check_period_ms": 1000,
-                    "health_check_failure_threshold": 3,
-                    "health_check_initial_delay_ms": 1000,
-                },
-            },
-        )
+        cluster = Cluster(initialize_head=True, head_node_args={
+            **node, "redis_port": _free_port(), "include_dashboard": False,
+            # notice a lost node within seconds (defaults: 30 s)
+            "_system_config": {"health_check_period_ms": 1000,
+                               "health_check_failure_threshold": 3,
+                               "health_check_initial_delay_ms": 1000},
+        })
         cluster.add_node(**node)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, include_dashboard=False, log_to_driver=True)
@@ -256,16 +210,9 @@ def _alive_node_ids() -> set[str]:
 
 @pytest.mark.slow
 def test_study_ends_at_exactly_n_with_one_actor_per_gpu_on_distinct_devices(
-    cluster: Any, pg_url: str, study_name: str, tmp_path: Path
-) -> None:
-    study = _study(
-        pg_url,
-        study_name,
-        tmp_path,
-        n_trials=8,
-        epochs=2,
-        objective={"function": "objectives:env_probe"},
-    )
+        cluster: Any, pg_url: str, study_name: str, tmp_path: Path) -> None:
+    study = _study(pg_url, study_name, tmp_path, n_trials=8, epochs=2,
+                   objective={"function": "objectives:env_probe"})
     fleet = RayFleet(study, pg_url)
     final = fleet.run(poll=0.5)
     assert final.done and final.finished == 8
@@ -285,16 +232,9 @@ def test_study_ends_at_exactly_n_with_one_actor_per_gpu_on_distinct_devices(
 
 @pytest.mark.slow
 def test_crashed_actor_is_restarted_in_place_and_its_trial_retried(
-    cluster: Any, pg_url: str, study_name: str, tmp_path: Path
-) -> None:
-    study = _study(
-        pg_url,
-        study_name,
-        tmp_path,
-        n_trials=6,
-        epochs=3,
-        objective={"function": "objectives:exit_once"},
-    )
+        cluster: Any, pg_url: str, study_name: str, tmp_path: Path) -> None:
+    study = _study(pg_url, study_name, tmp_path, n_trials=6, epochs=3,
+                   objective={"function": "objectives:exit_once"})
     fleet = RayFleet(study, pg_url, max_workers=2)
     assert fleet.run(poll=0.5).done
     trials = exact_trials(study, 6)
@@ -305,27 +245,19 @@ def test_crashed_actor_is_restarted_in_place_and_its_trial_retried(
     assert retry.state == TrialState.COMPLETE
     worker = crashed[0].user_attrs[record.WORKER]
     assert fleet.runs[worker].pid != crashed[0].user_attrs[record.PID], (
-        "Ray restarted the crashed actor in a new process and ran its loop to the end"
-    )
+        "Ray restarted the crashed actor in a new process and ran its loop to the end")
     assert not fleet.failures, "the restart happened inside Ray (max_restarts)"
 
 
 @pytest.mark.slow
 def test_recycled_actor_is_replaced_by_a_fresh_one_on_its_gpu(
-    cluster: Any, pg_url: str, study_name: str, tmp_path: Path
-) -> None:
+        cluster: Any, pg_url: str, study_name: str, tmp_path: Path) -> None:
     """A worker that asks for a fresh process (here after each trial, `recycle_after: 1`; in
     practice after out-of-memory) returns; its actor is killed, freeing the GPU, and a new
     actor takes the same slot."""
-    study = _study(
-        pg_url,
-        study_name,
-        tmp_path,
-        n_trials=4,
-        epochs=1,
-        objective={"function": "objectives:env_probe"},
-        workers={"heartbeat_interval": 1, "grace_period": 4, "recycle_after": 1},
-    )
+    study = _study(pg_url, study_name, tmp_path, n_trials=4, epochs=1,
+                   objective={"function": "objectives:env_probe"},
+                   workers={"heartbeat_interval": 1, "grace_period": 4, "recycle_after": 1})
     fleet = RayFleet(study, pg_url, max_workers=2)
     assert fleet.run(poll=0.5).done
     trials = exact_trials(study, 4)
@@ -337,31 +269,20 @@ def test_recycled_actor_is_replaced_by_a_fresh_one_on_its_gpu(
 
 @pytest.mark.slow
 def test_node_joining_mid_study_gets_actors(
-    cluster: Any, pg_url: str, study_name: str, tmp_path: Path, hold_file: Path
-) -> None:
+        cluster: Any, pg_url: str, study_name: str, tmp_path: Path, hold_file: Path) -> None:
     hold_file.touch()  # the first actors' trials wait until the new node's actors run theirs
-    study = _study(
-        pg_url,
-        study_name,
-        tmp_path,
-        n_trials=12,
-        epochs=2,
-        objective={"function": "objectives:held"},
-    )
+    study = _study(pg_url, study_name, tmp_path, n_trials=12, epochs=2,
+                   objective={"function": "objectives:held"})
     before = _alive_node_ids()
     fleet = RayFleet(study, pg_url)
     thread, outcome = _fleet_in_background(fleet)
     try:
-        _wait_for(
-            lambda: len(study.get_trials(states=(TrialState.RUNNING,))) == 4,
-            "a trial on each GPU of the first two nodes",
-        )
+        _wait_for(lambda: len(study.get_trials(states=(TrialState.RUNNING,))) == 4,
+                  "a trial on each GPU of the first two nodes")
         cluster.add_node(num_cpus=1, num_gpus=GPUS_PER_NODE, object_store_memory=80 * MB)
         (joined,) = _alive_node_ids() - before
-        _wait_for(
-            lambda: len(study.get_trials(states=(TrialState.RUNNING,))) == 6,
-            "the new node's actors to take trials",
-        )
+        _wait_for(lambda: len(study.get_trials(states=(TrialState.RUNNING,))) == 6,
+                  "the new node's actors to take trials")
     finally:
         hold_file.unlink()
     _finish(thread, outcome)
@@ -374,27 +295,17 @@ def test_node_joining_mid_study_gets_actors(
 
 @pytest.mark.slow
 def test_lost_node_trials_are_retried_on_the_others_with_nothing_lost(
-    cluster: Any, pg_url: str, study_name: str, tmp_path: Path
-) -> None:
+        cluster: Any, pg_url: str, study_name: str, tmp_path: Path) -> None:
     import ray
 
-    study = _study(
-        pg_url,
-        study_name,
-        tmp_path,
-        n_trials=12,
-        epochs=6,
-        objective={"function": "objectives:env_probe"},
-    )
+    study = _study(pg_url, study_name, tmp_path, n_trials=12, epochs=6,
+                   objective={"function": "objectives:env_probe"})
     head = ray.get_runtime_context().get_node_id()
     victim = next(n for n in cluster.list_all_nodes() if n.node_id != head)
 
     def running_on_victim() -> list[int]:
-        return [
-            t.number
-            for t in study.get_trials(states=(TrialState.RUNNING,))
-            if t.intermediate_values and _node_of(t) == victim.node_id[:8]
-        ]
+        return [t.number for t in study.get_trials(states=(TrialState.RUNNING,))
+                if t.intermediate_values and _node_of(t) == victim.node_id[:8]]
 
     fleet = RayFleet(study, pg_url)
     thread, outcome = _fleet_in_background(fleet)
@@ -407,57 +318,30 @@ def test_lost_node_trials_are_retried_on_the_others_with_nothing_lost(
     for number in lost:
         assert by_number[number].state == TrialState.FAIL
         assert by_number[number].user_attrs[record.FAIL_REASON] == (
-            record.Outcome.HEARTBEAT_LOST.value
-        )
+            record.Outcome.HEARTBEAT_LOST.value)
         retries = [t for t in trials if t.user_attrs.get(record.RETRY_OF) == number]
         assert [t.state for t in retries] == [TrialState.COMPLETE]
         assert _node_of(retries[0]) != victim.node_id[:8], "retried on a surviving node"
     failed = [t.number for t in trials if t.state == TrialState.FAIL]
     assert set(failed) >= set(lost)
     assert {by_number[n].user_attrs[record.FAIL_REASON] for n in failed} == {
-        record.Outcome.HEARTBEAT_LOST.value
-    }
+        record.Outcome.HEARTBEAT_LOST.value}
 
 
 @pytest.mark.slow
 def test_cli_driver_killed_and_started_again_continues_the_study(
-    cluster: Any, pg_url: str, study_name: str, tmp_path: Path
-) -> None:
+        cluster: Any, pg_url: str, study_name: str, tmp_path: Path) -> None:
     """Nothing lives in Ray: kill -9 the `search launch --ray` driver (Ray then ends its
     actors), start it again, and the same study ends at exactly n_trials."""
     spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        yaml.safe_dump(
-            sleepy_spec(
-                study_name, n_trials=8, epochs=4, objective={"function": "objectives:env_probe"}
-            )
-        )
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "search",
-        "launch",
-        str(spec),
-        "--storage",
-        pg_url,
-        "--no-progress",
-        "--ray",
-        cluster.address,
-        "--workers",
-        "2",
-    ]
+    spec.write_text(yaml.safe_dump(sleepy_spec(
+        study_name, n_trials=8, epochs=4, objective={"function": "objectives:env_probe"})))
+    command = [sys.executable, "-m", "search", "launch", str(spec), "--storage", pg_url,
+               "--no-progress", "--ray", cluster.address, "--workers", "2"]
     storage = open_storage(pg_url)
-    first = subprocess.Popen(
-        command,
-        env=cli_env(),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    first = subprocess.Popen(command, env=cli_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     try:
-
         def under_way() -> bool:
             with contextlib.suppress(KeyError):
                 study = optuna.load_study(study_name=study_name, storage=storage)
@@ -472,9 +356,8 @@ def test_cli_driver_killed_and_started_again_continues_the_study(
     study = optuna.load_study(study_name=study_name, storage=storage)
     interrupted = [t.number for t in study.get_trials(states=(TrialState.RUNNING,))]
     assert interrupted, output[-2000:]
-    again = subprocess.run(
-        command, env=cli_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240
-    )
+    again = subprocess.run(command, env=cli_env(), cwd=tmp_path, capture_output=True,
+                           text=True, timeout=240)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert "Best trial" in again.stdout
     trials = exact_trials(study, 8)
@@ -489,48 +372,22 @@ def test_cli_driver_killed_and_started_again_continues_the_study(
 
 @pytest.mark.slow
 def test_cli_driver_sigterm_stops_the_actors_and_hands_their_trials_back(
-    cluster: Any, pg_url: str, study_name: str, tmp_path: Path
-) -> None:
+        cluster: Any, pg_url: str, study_name: str, tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        yaml.safe_dump(
-            sleepy_spec(
-                study_name, n_trials=6, epochs=8, objective={"function": "objectives:env_probe"}
-            )
-        )
-    )
+    spec.write_text(yaml.safe_dump(sleepy_spec(
+        study_name, n_trials=6, epochs=8, objective={"function": "objectives:env_probe"})))
     driver = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "search",
-            "launch",
-            str(spec),
-            "--storage",
-            pg_url,
-            "--no-progress",
-            "--ray",
-            cluster.address,
-            "--workers",
-            "2",
-        ],
-        env=cli_env(),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+        [sys.executable, "-m", "search", "launch", str(spec), "--storage", pg_url,
+         "--no-progress", "--ray", cluster.address, "--workers", "2"],
+        env=cli_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
     storage = open_storage(pg_url)
     try:
-
         def training() -> list[int]:
             with contextlib.suppress(KeyError):
                 study = optuna.load_study(study_name=study_name, storage=storage)
-                return [
-                    t.number
-                    for t in study.get_trials(states=(TrialState.RUNNING,))
-                    if t.intermediate_values
-                ]
+                return [t.number for t in study.get_trials(states=(TrialState.RUNNING,))
+                        if t.intermediate_values]
             return []
 
         _wait_for(training, "the driver's actors to be training")
@@ -547,7 +404,5 @@ def test_cli_driver_sigterm_stops_the_actors_and_hands_their_trials_back(
     assert handed
     for trial in handed:
         assert trial.user_attrs[record.FAIL_REASON] == record.Outcome.PREEMPTED.value
-        assert any(
-            t.user_attrs.get(record.RETRY_OF) == trial.number and t.state == TrialState.WAITING
-            for t in trials
-        )
+        assert any(t.user_attrs.get(record.RETRY_OF) == trial.number
+                   and t.state == TrialState.WAITING for t in trials)

@@ -31,10 +31,9 @@ def test_the_table_says_what_each_failure_means(
     rule = consequence(outcome)
     assert rule.state == TrialState.FAIL
     assert (rule.retried, rule.counts_retry, rule.counts_failure) == (
-        retried,
-        counts_retry,
-        counts_failure,
-    )
+        retried, counts_retry, counts_failure)
+
+
 
 
 @pytest.mark.parametrize(
@@ -48,18 +47,15 @@ def test_the_table_says_what_each_failure_means(
         (TrialState.FAIL, {}, Outcome.OBJECTIVE_ERROR),
     ],
 )
-def test_the_outcome_of_a_stored_trial(
-    state: TrialState, user_attrs: dict, expected: Outcome
-) -> None:
-    trial = optuna.trial.create_trial(
-        state=state, value=1.0 if state.name == "COMPLETE" else None, user_attrs=user_attrs
-    )
+def test_the_outcome_of_a_stored_trial(state: TrialState, user_attrs: dict,
+                                       expected: Outcome) -> None:
+    trial = optuna.trial.create_trial(state=state, value=1.0 if state.name == "COMPLETE" else None,
+                                      user_attrs=user_attrs)
     assert outcome_of(trial) == expected
 
 
 def test_epoch_rows_come_sorted_by_epoch() -> None:
     rows = [{"epoch": 2, "val_loss": 0.5}, {"epoch": 1, "val_loss": 0.9}]
-    trial = optuna.trial.create_trial(
-        state=TrialState.COMPLETE, value=0.5, user_attrs={"epoch_metrics": rows}
-    )
+    trial = optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.5,
+                                      user_attrs={"epoch_metrics": rows})
     assert [r["epoch"] for r in epoch_rows(trial)] == [1, 2]

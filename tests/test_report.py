@@ -26,15 +26,9 @@ from search.report import compute_summary, epochs_run
 pytestmark = pytest.mark.slow
 ARTIFACTS_ENV = "SEARCH_TEST_ARTIFACTS"
 CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-    "--virtual-time-budget=20000",
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--hide-scrollbars", "--virtual-time-budget=20000",
 )
 
 
@@ -42,26 +36,17 @@ def _chromium() -> str:
     return require("chromium", "chromium")
 
 
-def open_in_chromium(
-    page: Path, profile: Path, screenshot: Path | None = None
-) -> tuple[str, list[str]]:
+def open_in_chromium(page: Path, profile: Path, screenshot: Path | None = None
+                     ) -> tuple[str, list[str]]:
     """The page's DOM after its scripts ran, and every console message it logged."""
     base = [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
-    run = subprocess.run(
-        [*base, "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = subprocess.run([*base, "--enable-logging=stderr", "--v=0", "--dump-dom",
+                          page.as_uri()], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
     if screenshot is not None:
-        shot = subprocess.run(
-            [*base, "--window-size=1280,6000", f"--screenshot={screenshot}", page.as_uri()],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        shot = subprocess.run([*base, "--window-size=1280,6000", f"--screenshot={screenshot}",
+                               page.as_uri()], capture_output=True, text=True, timeout=120)
         assert shot.returncode == 0 and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
     return run.stdout, console
 
@@ -88,17 +73,8 @@ class _Plots(html.parser.HTMLParser):
                     self.plots[owner] = True
 
     def handle_endtag(self, tag: str) -> None:
-        if self._stack and tag not in (
-            "meta",
-            "br",
-            "img",
-            "input",
-            "link",
-            "hr",
-            "path",
-            "rect",
-            "line",
-        ):
+        if self._stack and tag not in ("meta", "br", "img", "input", "link", "hr", "path",
+                                       "rect", "line"):
             self._stack.pop()
 
 
@@ -121,23 +97,9 @@ def test_report_renders_every_plot_offline_without_console_errors(study_db, tmp_
     db, name = study_db
     before = _digest(db.parent)
     out = tmp_path / "report.html"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "search",
-            "report",
-            name,
-            "--storage",
-            f"sqlite:///{db}",
-            "-o",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=120,
-    )
+    result = subprocess.run([sys.executable, "-m", "search", "report", name, "--storage",
+                             f"sqlite:///{db}", "-o", str(out)], capture_output=True,
+                            text=True, env=cli_env(), timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert _digest(db.parent) == before  # the report wrote nothing to the database folder
     page = out.read_text()
@@ -152,16 +114,9 @@ def test_report_renders_every_plot_offline_without_console_errors(study_db, tmp_
     plots = _Plots()
     plots.feed(dom)
     assert len(plots.plots) == 6 and all(plots.plots.values()), plots.plots
-    for title in (
-        "Optimization history",
-        "Learning curves by state and prune rule",
-        "Parameter importances",
-        "Parallel coordinates",
-        "Slice plots",
-        "Timeline of workers",
-        "Compute summary",
-        "Best trials",
-    ):
+    for title in ("Optimization history", "Learning curves by state and prune rule",
+                  "Parameter importances", "Parallel coordinates", "Slice plots",
+                  "Timeline of workers", "Compute summary", "Best trials"):
         assert title in dom
 
 
@@ -191,14 +146,9 @@ def test_compute_summary_counts_what_pruning_saved_per_rule(study_db) -> None:
 
 
 def test_report_on_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "search", "report", "x", "--storage", "sqlite:///typo.db"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=60,
-        cwd=tmp_path,
-    )
+    result = subprocess.run([sys.executable, "-m", "search", "report", "x", "--storage",
+                             "sqlite:///typo.db"], capture_output=True, text=True,
+                            env=cli_env(), timeout=60, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "Error: no SQLite file typo.db: check the path in 'sqlite:///typo.db' (nothing was "

@@ -43,9 +43,8 @@ def test_early_stopping_waits_while_the_metric_improves() -> None:
 
 
 def test_a_maximized_metric_counts_rises_as_improvements() -> None:
-    _, report = _reporter(
-        direction="maximize", metric="val_accuracy", early_stopping={"patience": 1}
-    )
+    _, report = _reporter(direction="maximize", metric="val_accuracy",
+                          early_stopping={"patience": 1})
     report(1, {"val_accuracy": 0.5})
     report(2, {"val_accuracy": 0.7})
     with pytest.raises(EarlyStopped):
@@ -115,9 +114,8 @@ def test_a_wrapped_optuna_pruner_is_asked_in_the_workers_path(sqlite_url: str) -
     from search.epochs import ensure_table
     from search.pruning import make_pruner
 
-    study = optuna.create_study(
-        storage=open_storage(sqlite_url), pruner=make_pruner("default", {"comparative": "median"})
-    )
+    study = optuna.create_study(storage=open_storage(sqlite_url),
+                                pruner=make_pruner("default", {"comparative": "median"}))
     ensure_table(study._storage)
     for _ in range(6):  # peers that reach 0.1 by epoch 6
         peer = study.ask()

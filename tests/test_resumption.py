@@ -30,25 +30,14 @@ pytestmark = pytest.mark.slow
 
 
 def _search(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "search", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env=cli_env(),
-    )
+    return subprocess.run([sys.executable, "-m", "search", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=cli_env())
 
 
 def _resume(name: str, url: str, *args: str, cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "search", "resume", name, "--storage", url, "--json", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=cwd,
-        env=cli_env(),
-    )
+    return subprocess.Popen([sys.executable, "-m", "search", "resume", name, "--storage", url,
+                             "--json", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=cwd, env=cli_env())
 
 
 def _states(url: str, name: str) -> Counter[TrialState]:
@@ -61,44 +50,20 @@ def _states(url: str, name: str) -> Counter[TrialState]:
 
 @pytest.mark.postgres
 def test_resume_after_kill_9_of_a_whole_launch_ends_at_exactly_the_total(
-    pg_url: str, study_name: str, write_spec, tmp_path: Path
-) -> None:
+        pg_url: str, study_name: str, write_spec, tmp_path: Path) -> None:
     spec = write_spec(sleepy_spec(study_name, n_trials=6, epochs=4))
     launch = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "search",
-            "launch",
-            str(spec),
-            "--storage",
-            pg_url,
-            "--workers",
-            "2",
-            "--no-progress",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp_path,
-        env=cli_env(),
-        start_new_session=True,
-    )
+        [sys.executable, "-m", "search", "launch", str(spec), "--storage", pg_url,
+         "--workers", "2", "--no-progress"], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, cwd=tmp_path, env=cli_env(), start_new_session=True)
     try:
-        wait_for(
-            lambda: (
-                _states(pg_url, study_name)[TrialState.COMPLETE] >= 1
-                and _states(pg_url, study_name)[TrialState.RUNNING] >= 1
-            ),
-            120,
-            "a running trial",
-        )
+        wait_for(lambda: _states(pg_url, study_name)[TrialState.COMPLETE] >= 1
+                 and _states(pg_url, study_name)[TrialState.RUNNING] >= 1, 120, "a running trial")
     finally:
         os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both workers, at once
         launch.wait()
-    before = {
-        t.number: t
-        for t in optuna.load_study(study_name=study_name, storage=open_storage(pg_url)).trials
-    }
+    before = {t.number: t for t in optuna.load_study(
+        study_name=study_name, storage=open_storage(pg_url)).trials}
     assert any(t.state == TrialState.RUNNING for t in before.values())
 
     resumed = _resume(study_name, pg_url, "--workers", "2", cwd=tmp_path)
@@ -117,9 +82,8 @@ def test_resume_after_kill_9_of_a_whole_launch_ends_at_exactly_the_total(
 
 
 @pytest.mark.postgres
-def test_two_resumes_at_once_end_at_exactly_the_total(
-    pg_url: str, study_name: str, write_spec, tmp_path: Path
-) -> None:
+def test_two_resumes_at_once_end_at_exactly_the_total(pg_url: str, study_name: str,
+                                                       write_spec, tmp_path: Path) -> None:
     spec = write_spec(sleepy_spec(study_name, n_trials=6, epochs=2))
     assert _search("create", str(spec), "--storage", pg_url, cwd=tmp_path).returncode == 0
     runs = [_resume(study_name, pg_url, "--workers", "1", cwd=tmp_path) for _ in range(2)]
@@ -130,38 +94,19 @@ def test_two_resumes_at_once_end_at_exactly_the_total(
 
 
 def test_seeded_resume_repeats_no_parameters_and_a_finished_study_is_a_no_op(
-    sqlite_url: str, study_name: str, write_spec, tmp_path: Path
-) -> None:
-    spec = write_spec(
-        sleepy_spec(study_name, n_trials=3, epochs=1, seed=7, sampler={"type": "random"})
-    )
-    first = _search(
-        "launch",
-        str(spec),
-        "--storage",
-        sqlite_url,
-        "--workers",
-        "1",
-        "--no-progress",
-        cwd=tmp_path,
-    )
+        sqlite_url: str, study_name: str, write_spec, tmp_path: Path) -> None:
+    spec = write_spec(sleepy_spec(study_name, n_trials=3, epochs=1, seed=7,
+                                  sampler={"type": "random"}))
+    first = _search("launch", str(spec), "--storage", sqlite_url, "--workers", "1",
+                    "--no-progress", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     again = _search("resume", study_name, "--storage", sqlite_url, "--json", cwd=tmp_path)
     assert again.returncode == 0
     assert json.loads(again.stdout)["status"] == "already-done"
     assert len(assert_exact_budget(sqlite_url, study_name, 3).trials) == 3  # nothing was run
 
-    extended = _search(
-        "resume",
-        study_name,
-        "--storage",
-        sqlite_url,
-        "--n-trials",
-        "6",
-        "--workers",
-        "1",
-        cwd=tmp_path,
-    )
+    extended = _search("resume", study_name, "--storage", sqlite_url, "--n-trials", "6",
+                       "--workers", "1", cwd=tmp_path)
     assert extended.returncode == 0, extended.stderr[-2000:]
     assert "done, 6/6 finished" in extended.stdout
     study = assert_exact_budget(sqlite_url, study_name, 6)
@@ -169,9 +114,9 @@ def test_seeded_resume_repeats_no_parameters_and_a_finished_study_is_a_no_op(
     assert len(set(xs)) == len(xs) == 6
 
 
-def test_resume_from_python_continues_the_study(
-    sqlite_url: str, study_name: str, write_spec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resume_from_python_continues_the_study(sqlite_url: str, study_name: str,
+                                                write_spec, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import search
 
     monkeypatch.chdir(tmp_path)
@@ -181,63 +126,43 @@ def test_resume_from_python_continues_the_study(
     assert (launched.exit_code, launched.finished) == (0, 2)
     resumed = search.resume(study_name, sqlite_url, n_trials=3, workers=1)
     assert (resumed.status, resumed.exit_code, resumed.finished_before, resumed.finished) == (
-        "done",
-        0,
-        2,
-        3,
-    )
+        "done", 0, 2, 3)
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["nosuch"], "no study 'nosuch'"),
-        (["{name}", "--n-trials", "1"], "below the 2 trials"),
-    ],
-)
-def test_bad_input_exits_2_with_one_line(
-    sqlite_url: str, study_name: str, args: list[str], message: str
-) -> None:
+@pytest.mark.parametrize("args, message", [
+    (["nosuch"], "no study 'nosuch'"),
+    (["{name}", "--n-trials", "1"], "below the 2 trials"),
+])
+def test_bad_input_exits_2_with_one_line(sqlite_url: str, study_name: str, args: list[str],
+                                          message: str) -> None:
     spec = spec_from_dict(sleepy_spec(study_name), source="test")
     study = create_or_load_study(spec, open_storage(sqlite_url))
     for x in (0.1, 0.2):
-        study.add_trial(
-            optuna.trial.create_trial(
-                value=x, params={"x": x}, distributions={"x": FloatDistribution(-1.0, 1.0)}
-            )
-        )
-    result = CliRunner().invoke(
-        app, ["resume", *(a.format(name=study_name) for a in args), "--storage", sqlite_url]
-    )
+        study.add_trial(optuna.trial.create_trial(
+            value=x, params={"x": x}, distributions={"x": FloatDistribution(-1.0, 1.0)}))
+    result = CliRunner().invoke(app, ["resume", *(a.format(name=study_name) for a in args),
+                                      "--storage", sqlite_url])
     assert result.exit_code == 2
     (line,) = result.output.strip().splitlines()
     assert line.startswith("Error: ") and message in line
 
 
-def test_trials_failing_beyond_the_bound_exit_1(
-    sqlite_url: str, study_name: str, write_spec, tmp_path: Path
-) -> None:
-    spec = write_spec(
-        sleepy_spec(
-            study_name,
-            n_trials=4,
-            objective={"function": "study_factory:broken"},
-            workers={"heartbeat_interval": 1, "grace_period": 4, "max_failures": 2},
-        )
-    )
+def test_trials_failing_beyond_the_bound_exit_1(sqlite_url: str, study_name: str,
+                                                write_spec, tmp_path: Path) -> None:
+    spec = write_spec(sleepy_spec(study_name, n_trials=4, objective={
+        "function": "study_factory:broken"}, workers={"heartbeat_interval": 1,
+                                                        "grace_period": 4, "max_failures": 2}))
     assert _search("create", str(spec), "--storage", sqlite_url, cwd=tmp_path).returncode == 0
-    result = _search(
-        "resume", study_name, "--storage", sqlite_url, "--workers", "1", "--json", cwd=tmp_path
-    )
+    result = _search("resume", study_name, "--storage", sqlite_url, "--workers", "1", "--json",
+                     cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-2000:]
     summary = json.loads(result.stdout)
     assert summary["status"] == "failed" and summary["finished"] == 0
     assert summary["failed"] >= 2
 
 
-def test_interrupted_resume_exits_3_and_hands_trials_back(
-    sqlite_url: str, study_name: str, write_spec, tmp_path: Path
-) -> None:
+def test_interrupted_resume_exits_3_and_hands_trials_back(sqlite_url: str, study_name: str,
+                                                         write_spec, tmp_path: Path) -> None:
     spec = write_spec(sleepy_spec(study_name, n_trials=4, epochs=20))
     assert _search("create", str(spec), "--storage", sqlite_url, cwd=tmp_path).returncode == 0
     resumed = _resume(study_name, sqlite_url, "--workers", "1", cwd=tmp_path)

@@ -12,13 +12,10 @@ from search.storage import open_storage
 
 
 def _failed(**system_attrs: object) -> optuna.trial.FrozenTrial:
-    trial = optuna.trial.create_trial(
-        state=TrialState.FAIL,
-        params={"x": 0.5},
-        distributions={"x": FloatDistribution(0, 1)},
-        user_attrs={"effective_lr": 0.1, "worker": "w"},
-        system_attrs=system_attrs,
-    )
+    trial = optuna.trial.create_trial(state=TrialState.FAIL, params={"x": 0.5},
+                                      distributions={"x": FloatDistribution(0, 1)},
+                                      user_attrs={"effective_lr": 0.1, "worker": "w"},
+                                      system_attrs=system_attrs)
     trial.number = 4
     return trial
 
@@ -42,9 +39,8 @@ def test_fail_and_requeue_follows_the_table(sqlite_url: str) -> None:
     study = optuna.create_study(storage=open_storage(sqlite_url))
     for outcome, queued in ((Outcome.PREEMPTED, True), (Outcome.OBJECTIVE_ERROR, False)):
         trial = study.ask({"x": FloatDistribution(0, 1)})
-        assert fail_and_requeue(
-            study._storage, study._study_id, trial._trial_id, outcome, max_retries=1, detail="why"
-        )
+        assert fail_and_requeue(study._storage, study._study_id, trial._trial_id, outcome,
+                                max_retries=1, detail="why")
         stored = study._storage.get_trial(trial._trial_id)
         assert stored.user_attrs["fail_reason"] == f"{outcome.value}: why"
         waiting = [t for t in study.get_trials() if t.state == TrialState.WAITING]
@@ -58,17 +54,13 @@ def test_a_retry_replays_its_chains_curve_up_to_the_checkpoint(sqlite_url: str) 
     first = study.ask({"x": FloatDistribution(0, 1)})
     for step in (1, 2, 3):
         first.report(1.0 / step, step)
-    first.set_user_attr(
-        "epoch_metrics", [{"epoch": s, "val_loss": 1.0 / s, "lr": 0.1} for s in (1, 2)]
-    )
-    fail_and_requeue(
-        study._storage, study._study_id, first._trial_id, Outcome.PREEMPTED, max_retries=1
-    )
+    first.set_user_attr("epoch_metrics", [{"epoch": s, "val_loss": 1.0 / s, "lr": 0.1}
+                                          for s in (1, 2)])
+    fail_and_requeue(study._storage, study._study_id, first._trial_id, Outcome.PREEMPTED,
+                     max_retries=1)
     retry = study.ask()
     rows = replay_chain(retry, metric="val_loss", upto_epoch=2)
-    assert rows == [
-        {"epoch": 1, "val_loss": 1.0, "lr": 0.1},
-        {"epoch": 2, "val_loss": 0.5, "lr": 0.1},
-    ]
+    assert rows == [{"epoch": 1, "val_loss": 1.0, "lr": 0.1}, {"epoch": 2, "val_loss": 0.5,
+                                                               "lr": 0.1}]
     assert retry.user_attrs["resumed_from_epoch"] == 2
     assert study._storage.get_trial(retry._trial_id).intermediate_values == {1: 1.0, 2: 0.5}

@@ -39,62 +39,35 @@ TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontr
 def slurm_conf() -> str:
     for tool in TOOLS:  # installed with apt-get when missing on CI, else a failure
         require(tool, "slurm-wlm", "munge")
-    started = subprocess.run(
-        [str(LOCAL_CLUSTER), "start"], capture_output=True, text=True, timeout=180
-    )
+    started = subprocess.run([str(LOCAL_CLUSTER), "start"], capture_output=True, text=True,
+                             timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
-    printed = subprocess.run(
-        [str(LOCAL_CLUSTER), "env"], capture_output=True, text=True, check=True
-    ).stdout
+    printed = subprocess.run([str(LOCAL_CLUSTER), "env"], capture_output=True, text=True,
+                             check=True).stdout
     return printed.strip().removeprefix("export SLURM_CONF=")
 
 
 def _env(slurm_conf: str, pg_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
-    return cli_env(
-        pg_url,
-        SLURM_CONF=slurm_conf,
-        CHECKPOINT_DIR=str(tmp_path / "ckpt"),
-        SEARCH_VENV=sys.prefix,
-        STOP_TIMEOUT="10",
-        **extra,
-    )
+    return cli_env(pg_url, SLURM_CONF=slurm_conf, CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+                   SEARCH_VENV=sys.prefix, STOP_TIMEOUT="10", **extra)
 
 
 def _create(spec: dict[str, Any], pg_url: str, tmp_path: Path) -> optuna.Study:
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    subprocess.run(
-        [sys.executable, "-m", "search", "create", str(path), "--storage", pg_url],
-        check=True,
-        capture_output=True,
-        env=cli_env(),
-        timeout=120,
-    )
+    subprocess.run([sys.executable, "-m", "search", "create", str(path), "--storage", pg_url],
+                   check=True, capture_output=True, env=cli_env(), timeout=120)
     return optuna.load_study(study_name=spec["name"], storage=open_storage(pg_url))
 
 
-def _sbatch(
-    env: dict[str, str], tmp_path: Path, study: str, *options: str
-) -> subprocess.CompletedProcess[str]:
+def _sbatch(env: dict[str, str], tmp_path: Path, study: str, *options: str
+            ) -> subprocess.CompletedProcess[str]:
     """Submit the repository's script, shrinking its per-task resources to this machine."""
     return subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "--cpus-per-task=1",
-            "--mem=500M",
-            "--time=10",
-            f"--output={tmp_path}/task-%a.out",
-            f"--chdir={tmp_path}",
-            *options,
-            str(SBATCH),
-            study,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+        ["sbatch", "--parsable", "--cpus-per-task=1", "--mem=500M", "--time=10",
+         f"--output={tmp_path}/task-%a.out", f"--chdir={tmp_path}", *options, str(SBATCH),
+         study],
+        capture_output=True, text=True, env=env, timeout=600)
 
 
 def _wait_for(condition: Callable[[], Any], what: str, timeout: float = 120) -> Any:
@@ -103,26 +76,16 @@ def _wait_for(condition: Callable[[], Any], what: str, timeout: float = 120) -> 
 
 def _queue(env: dict[str, str], job: str) -> dict[str, str]:
     """Array task id -> state, for the tasks of `job` still known to the controller."""
-    out = subprocess.run(
-        ["squeue", "-h", "-r", "-j", job, "-o", "%K %T"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    ).stdout
+    out = subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%K %T"], capture_output=True,
+                         text=True, env=env, check=True).stdout
     return dict(line.split() for line in out.splitlines() if line.strip())
 
 
 def test_array_runs_the_study_to_exactly_n_trials_one_gpu_per_task(
-    slurm_conf: str, pg_url: str, study_name: str, tmp_path: Path
-) -> None:
-    study = _create(
-        sleepy_spec(
-            study_name, n_trials=6, epochs=2, objective={"function": "objectives:env_probe"}
-        ),
-        pg_url,
-        tmp_path,
-    )
+        slurm_conf: str, pg_url: str, study_name: str, tmp_path: Path) -> None:
+    study = _create(sleepy_spec(study_name, n_trials=6, epochs=2,
+                                objective={"function": "objectives:env_probe"}),
+                    pg_url, tmp_path)
     env = _env(slurm_conf, pg_url, tmp_path)
     submitted = _sbatch(env, tmp_path, study_name, "--array=0-2", "--wait")
     logs = {p.name: p.read_text() for p in tmp_path.glob("task-*.out")}
@@ -130,10 +93,8 @@ def test_array_runs_the_study_to_exactly_n_trials_one_gpu_per_task(
     job = submitted.stdout.strip().split(";")[0]
     trials = exact_trials(study, 6)
     assert sorted(logs) == ["task-0.out", "task-1.out", "task-2.out"]
-    placed = [
-        re.search(r"GPU (\S+) of the node, CUDA_VISIBLE_DEVICES=(\S+)", text)
-        for text in logs.values()
-    ]
+    placed = [re.search(r"GPU (\S+) of the node, CUDA_VISIBLE_DEVICES=(\S+)", text)
+              for text in logs.values()]
     assert all(placed), logs
     gpus = Counter(match[1] for match in placed if match)
     assert set(gpus) == {"0", "1"}, f"tasks 0 and 1 ran at once, on the two GPUs: {gpus}"
@@ -147,8 +108,7 @@ def test_array_runs_the_study_to_exactly_n_trials_one_gpu_per_task(
 
 
 def test_preempted_and_requeued_tasks_hand_their_trials_back(
-    slurm_conf: str, pg_url: str, study_name: str, tmp_path: Path
-) -> None:
+        slurm_conf: str, pg_url: str, study_name: str, tmp_path: Path) -> None:
     """`scancel --signal=TERM` and `scontrol requeue` stop a task mid-trial: the worker
     finishes its epoch and hands the trial back; its retry resumes from the checkpoint and the
     study ends at exactly n_trials. The requeued task comes back as restart 1."""
@@ -183,9 +143,8 @@ def test_preempted_and_requeued_tasks_hand_their_trials_back(
         _wait_for(lambda: handed_back(requeued), "task 1 to hand its trial back", 60)
         _wait_for(lambda: _queue(env, job).get("1") == "PENDING", "task 1 back in the queue")
         # Slurm holds a requeued batch job for 2 minutes; start it now instead.
-        subprocess.run(
-            ["scontrol", "update", f"jobid={job}_1", "StartTime=now"], env=env, check=True
-        )
+        subprocess.run(["scontrol", "update", f"jobid={job}_1", "StartTime=now"], env=env,
+                       check=True)
         _wait_for(lambda: not _queue(env, job), "the array to finish", 240)
     finally:
         subprocess.run(["scancel", job], env=env, check=False)

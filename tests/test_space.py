@@ -35,12 +35,8 @@ def test_values_stay_in_bounds_and_are_optuna_params() -> None:
 
 
 def test_log_scale_spreads_over_decades() -> None:
-    rows = _sample(
-        base_spec(
-            "s", space={**base_spec("s")["space"], "lr": {"low": 1e-5, "high": 1e-1, "log": True}}
-        ),
-        n=200,
-    )
+    rows = _sample(base_spec("s", space={**base_spec("s")["space"],
+                                         "lr": {"low": 1e-5, "high": 1e-1, "log": True}}), n=200)
     decades = {math.floor(math.log10(r["lr"])) for r in rows}
     assert decades == {-5, -4, -3, -2}
 
@@ -72,11 +68,9 @@ def test_without_scaling_params_pass_through() -> None:
 
 
 def test_conditional_param_only_when_parent_matches() -> None:
-    space = {
-        **base_spec("s")["space"],
-        "optimizer": {"choices": ["adam", "sgd"]},
-        "momentum": {"type": "float", "low": 0.5, "high": 0.99, "when": {"optimizer": "sgd"}},
-    }
+    space = {**base_spec("s")["space"],
+             "optimizer": {"choices": ["adam", "sgd"]},
+             "momentum": {"type": "float", "low": 0.5, "high": 0.99, "when": {"optimizer": "sgd"}}}
     rows = _sample(base_spec("s", space=space), n=40)
     assert any(r["optimizer"] == "sgd" for r in rows)
     assert any(r["optimizer"] == "adam" for r in rows)

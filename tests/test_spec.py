@@ -47,56 +47,30 @@ _DELETE = object()
         (_with(colour="blue"), "colour: unknown field"),
         (_with(n_trials="many"), "n_trials: Input should be a valid integer"),
         (_with(n_trials=0), "n_trials: Input should be greater than or equal to 1"),
-        (
-            _with(space__lr={"low": 0.1, "high": 0.001, "log": True}),
-            "space.lr: low (0.1) must be < high (0.001)",
-        ),
-        (
-            _with(space__lr={"low": 0.0, "high": 0.1, "log": True}),
-            "space.lr: a log-scale parameter needs low > 0",
-        ),
-        (
-            _with(space__batch_size={"choices": []}),
-            "space.batch_size: choices must be a non-empty",
-        ),
-        (
-            _with(space__depth={"low": 1}),
-            "space.depth: a parameter needs both low and high, or a list of choices",
-        ),
-        (
-            _with(objective={"dataset": "imagenet"}),
-            "objective.dataset: Input should be 'digits', 'wine' or 'breast_cancer', but got "
-            "'imagenet'",
-        ),
-        (
-            _with(objective={"function": "no_such_module_xyz:train"}),
-            "objective.function: cannot import module 'no_such_module_xyz'",
-        ),
-        (
-            _with(objective={"function": "json:nothing_here"}),
-            "objective.function: module 'json' has no callable 'nothing_here'",
-        ),
-        (
-            _with(objective={"function": "not a reference"}),
-            "objective.function: objective must look like 'package.module:function'",
-        ),
+        (_with(space__lr={"low": 0.1, "high": 0.001, "log": True}),
+         "space.lr: low (0.1) must be < high (0.001)"),
+        (_with(space__lr={"low": 0.0, "high": 0.1, "log": True}),
+         "space.lr: a log-scale parameter needs low > 0"),
+        (_with(space__batch_size={"choices": []}),
+         "space.batch_size: choices must be a non-empty"),
+        (_with(space__depth={"low": 1}),
+         "space.depth: a parameter needs both low and high, or a list of choices"),
+        (_with(objective={"dataset": "imagenet"}),
+         "objective.dataset: Input should be 'digits', 'wine' or 'breast_cancer', but got "
+         "'imagenet'"),
+        (_with(objective={"function": "no_such_module_xyz:train"}),
+         "objective.function: cannot import module 'no_such_module_xyz'"),
+        (_with(objective={"function": "json:nothing_here"}),
+         "objective.function: module 'json' has no callable 'nothing_here'"),
+        (_with(objective={"function": "not a reference"}),
+         "objective.function: objective must look like 'package.module:function'"),
         (_with(direction="up"), "direction: Input should be 'minimize' or 'maximize'"),
         (_with(space__depth=_DELETE), "the built-in trainer needs space entries for ['depth']"),
-        (
-            _with(
-                space__momentum={
-                    "low": 0.5,
-                    "high": 0.9,
-                    "type": "float",
-                    "when": {"optimizer": "sgd"},
-                }
-            ),
-            "space.momentum.when: 'optimizer' must be a categorical parameter listed before it",
-        ),
-        (
-            _with(workers={"heartbeat_interval": 10, "grace_period": 5}),
-            "grace_period (5) must be > heartbeat_interval (10)",
-        ),
+        (_with(space__momentum={"low": 0.5, "high": 0.9, "type": "float",
+                                "when": {"optimizer": "sgd"}}),
+         "space.momentum.when: 'optimizer' must be a categorical parameter listed before it"),
+        (_with(workers={"heartbeat_interval": 10, "grace_period": 5}),
+         "grace_period (5) must be > heartbeat_interval (10)"),
         (_with(pruning={"pruner": "oracle"}), "pruning: unknown pruner 'oracle'"),
         (_with(name="has space"), "name: String should match pattern"),
         ([1, 2], "must be a mapping of fields"),

@@ -27,19 +27,9 @@ LONG_NAME = "a-study-with-a-really-long-descriptive-name-for-the-lab-2026"
 def _row(best: float) -> dict:
     counts = {s.name: 0 for s in optuna.trial.TrialState}
     counts.update(COMPLETE=123456, PRUNED=65432, FAIL=7)
-    return {
-        "study": LONG_NAME,
-        "n_trials": 200000,
-        "counts": counts,
-        "best_value": best,
-        "best_trial": 3,
-        "best_params": {"lr": 0.000123456},
-        "trials_per_hour": 1234.5,
-        "running": [],
-        "stale": [],
-        "retries": 0,
-        "grace_period": 20,
-    }
+    return {"study": LONG_NAME, "n_trials": 200000, "counts": counts, "best_value": best,
+            "best_trial": 3, "best_params": {"lr": 0.000123456}, "trials_per_hour": 1234.5,
+            "running": [], "stale": [], "retries": 0, "grace_period": 20}
 
 
 @pytest.mark.parametrize("width", [40, 60, 80, 200])
@@ -61,33 +51,20 @@ def test_progress_bar_wraps_its_counts_instead_of_cutting_them(width: int, tmp_p
     out = io.StringIO()
     console = Console(file=out, width=width, force_terminal=False)
     with progress_display(study, enabled=True, console=console, best_every=0) as update:
-        update(
-            BudgetState(
-                n_trials=200000, complete=123456, pruned=65432, failed=7, running=16, waiting=0
-            )
-        )
+        update(BudgetState(n_trials=200000, complete=123456, pruned=65432, failed=7,
+                           running=16, waiting=0))
     text = " ".join(out.getvalue().split())
-    for part in (
-        "complete 123456",
-        "pruned 65432",
-        "failed 7",
-        "running 16",
-        "best 0.08907",
-        "188888/200000",
-    ):
+    for part in ("complete 123456", "pruned 65432", "failed 7", "running 16", "best 0.08907",
+                 "188888/200000"):
         assert part in text, (part, text)
     assert "…" not in text
 
 
-def test_status_on_a_missing_sqlite_file_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "search", "status", "--storage", "sqlite:///typo.db"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=60,
-        cwd=tmp_path,
-    )
+def test_status_on_a_missing_sqlite_file_is_one_line_and_creates_nothing(tmp_path: Path
+                                                                         ) -> None:
+    result = subprocess.run([sys.executable, "-m", "search", "status", "--storage",
+                             "sqlite:///typo.db"], capture_output=True, text=True,
+                            env=cli_env(), timeout=60, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "Error: no SQLite file typo.db: check the path in 'sqlite:///typo.db' (nothing was "
@@ -111,13 +88,8 @@ def test_read_only_postgres_session_refuses_writes(pg_url: str, study_name: str)
     study = optuna.load_study(study_name=study_name, storage=read_only)
     with pytest.raises(optuna.exceptions.StorageInternalError):
         study.set_user_attr("x", 1)
-    assert (
-        "x"
-        not in optuna.load_study(
-            study_name=study_name,
-            storage=pg_url.replace("postgresql://", "postgresql+psycopg2://"),
-        ).user_attrs
-    )
+    assert "x" not in optuna.load_study(study_name=study_name, storage=pg_url.replace(
+        "postgresql://", "postgresql+psycopg2://")).user_attrs
 
 
 def test_status_shows_running_trials_with_heartbeat_age_and_stale_ones(tmp_path: Path) -> None:
@@ -137,11 +109,8 @@ def test_status_shows_running_trials_with_heartbeat_age_and_stale_ones(tmp_path:
     (running,) = fresh["running"]
     assert (running["host"], running["device"], running["epoch"]) == ("gpu-box-7", "cuda:0", 2)
     assert running["heartbeat_age_s"] is not None and not running["stale"]
-    wait_for(
-        lambda: study_status(open_storage_read_only(url), "live")["stale"],
-        30,
-        "the heartbeat to go stale",
-    )
+    wait_for(lambda: study_status(open_storage_read_only(url), "live")["stale"], 30,
+             "the heartbeat to go stale")
     result = CliRunner().invoke(app, ["status", "live", "--storage", url])
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())
@@ -153,8 +122,7 @@ def test_status_lists_every_study_when_none_is_named(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'm.db'}"
     for name in ("first", "second"):
         optuna.create_study(storage=open_storage(url), study_name=name).add_trial(
-            optuna.trial.create_trial(value=1.5)
-        )
+            optuna.trial.create_trial(value=1.5))
     result = CliRunner().invoke(app, ["status", "--storage", url, "--json"])
     assert result.exit_code == 0
     import json
@@ -169,6 +137,5 @@ def test_read_only_opens_a_sqlite_path_with_spaces_and_hashes(tmp_path: Path) ->
     folder.mkdir()
     url = f"sqlite:///{folder / 'a b.db'}"
     optuna.create_study(storage=open_storage(url), study_name="spaced").add_trial(
-        optuna.trial.create_trial(value=2.5)
-    )
+        optuna.trial.create_trial(value=2.5))
     assert study_status(open_storage_read_only(url), "spaced")["best_value"] == 2.5

@@ -36,13 +36,8 @@ SECRET = "s3cr3t-Pa55"
         (None, None, None, DEFAULT_STORAGE),
     ],
 )
-def test_storage_url_precedence(
-    monkeypatch: pytest.MonkeyPatch,
-    cli: str | None,
-    env: str | None,
-    spec: str | None,
-    expected: str,
-) -> None:
+def test_storage_url_precedence(monkeypatch: pytest.MonkeyPatch, cli: str | None,
+                                env: str | None, spec: str | None, expected: str) -> None:
     if env is None:
         monkeypatch.delenv("SEARCH_STORAGE", raising=False)
     else:
@@ -81,16 +76,13 @@ def test_unreachable_postgres_is_one_clear_line_without_password() -> None:
 
 
 def test_wrong_credentials_fail_at_once_without_password(
-    pg_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
+        pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
     # The local server trusts every known role (no password check), so a wrong credential is
     # an unknown role here; the code path is the same FATAL authentication failure.
     url = make_url(pg_url).set(username="no_such_role", password=SECRET)
     rendered = url.render_as_string(hide_password=False)
-    with (
-        caplog.at_level(logging.WARNING, logger="search.storage"),
-        pytest.raises(StorageError) as info,
-    ):
+    with caplog.at_level(logging.WARNING, logger="search.storage"), \
+            pytest.raises(StorageError) as info:
         open_storage(rendered, connect_timeout=20)
     assert "retrying" not in caplog.text, "a credential error must not be retried"
     assert 'role "no_such_role" does not exist' in str(info.value)
@@ -145,14 +137,12 @@ def test_every_backend_call_of_optunas_cache_is_retried() -> None:
     assert cached_backend_calls() - skipped <= set(RETRIED_METHODS)
     for name in RETRIED_METHODS:
         assert getattr(ResilientRDBStorage, name) is not getattr(
-            optuna.storages.RDBStorage, name
-        ), f"{name} is not wrapped"
+            optuna.storages.RDBStorage, name), f"{name} is not wrapped"
 
 
 @pytest.mark.slow
 def test_a_connection_storm_kills_no_launcher_and_no_worker(
-    pg_url: str, study_name: str, write_spec, tmp_path
-) -> None:
+        pg_url: str, study_name: str, write_spec, tmp_path) -> None:
     """Every backend of the study's database is terminated every 2 s for 20 s."""
     import subprocess
     import sys
@@ -172,55 +162,29 @@ def test_a_connection_storm_kills_no_launcher_and_no_worker(
     env = cli_env(url, SEARCH_TEST_EPOCH_SECONDS="0.4")
     logs = [(tmp_path / f"p{i}.log").open("w") for i in range(3)]
     launcher = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "search",
-            "launch",
-            str(spec),
-            "--workers",
-            "2",
-            "--no-progress",
-            "--log-dir",
-            str(tmp_path / "logs"),
-        ],
-        env=env,
-        stdout=logs[0],
-        stderr=subprocess.STDOUT,
-    )
+        [sys.executable, "-m", "search", "launch", str(spec), "--workers", "2", "--no-progress",
+         "--log-dir", str(tmp_path / "logs")], env=env, stdout=logs[0], stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while not _has_study(url, study_name) and time.monotonic() < deadline:
             time.sleep(0.2)
-        workers = [
-            subprocess.Popen(
-                [sys.executable, "-m", "search", "worker", study_name],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            for log in logs[1:]
-        ]
+        workers = [subprocess.Popen([sys.executable, "-m", "search", "worker", study_name],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+                   for log in logs[1:]]
         storm_ends = time.monotonic() + 20
         terminated = 0
         while time.monotonic() < storm_ends:
             with admin.connect() as connection:
-                terminated += connection.execute(
-                    sqlalchemy.text(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                        "WHERE datname = :db AND pid <> pg_backend_pid()"
-                    ),
-                    {"db": database},
-                ).scalar()
+                terminated += connection.execute(sqlalchemy.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": database}).scalar()
             time.sleep(2)
         codes = [p.wait(timeout=240) for p in (launcher, *workers)]
         outputs = [(tmp_path / f"p{i}.log").read_text()[-3000:] for i in range(3)]
         assert terminated >= 10, "the storm hit the processes"
         assert codes == [0, 0, 0], outputs
-        states = Counter(
-            t.state
-            for t in optuna.load_study(study_name=study_name, storage=open_storage(url)).trials
-        )
+        states = Counter(t.state for t in optuna.load_study(
+            study_name=study_name, storage=open_storage(url)).trials)
         assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 14, states
         assert states[TrialState.RUNNING] == states[TrialState.WAITING] == 0, states
     finally:

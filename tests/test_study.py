@@ -28,19 +28,12 @@ def _update(url: str, spec: dict, **kwargs):
 
 
 def _search(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "search", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-        env=cli_env(),
-    )
+    return subprocess.run([sys.executable, "-m", "search", *args], capture_output=True,
+                          text=True, timeout=120, cwd=cwd, env=cli_env())
 
 
 def test_a_password_in_the_study_file_is_never_stored(
-    pg_url: str, study_name: str, write_spec, tmp_path: Path
-) -> None:
+        pg_url: str, study_name: str, write_spec, tmp_path: Path) -> None:
     # The test server trusts every login, so any password is a real one that connects.
     with_password = make_url(pg_url).set(password=PASSWORD).render_as_string(False)
     spec_path = write_spec(sleepy_spec(study_name, n_trials=2, storage=with_password))
@@ -50,19 +43,13 @@ def test_a_password_in_the_study_file_is_never_stored(
     study = optuna.load_study(study_name=study_name, storage=open_storage(pg_url))
     assert PASSWORD not in json.dumps(study.user_attrs)
     assert "storage" not in study.user_attrs[record.SPEC]
-    listed = subprocess.run(
-        ["optuna", "studies", "--storage", normalize_url(pg_url), "-f", "json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    listed = subprocess.run(["optuna", "studies", "--storage", normalize_url(pg_url), "-f",
+                             "json"], capture_output=True, text=True, timeout=120, check=True)
     assert study_name in listed.stdout and PASSWORD not in listed.stdout
 
 
 def test_a_password_stored_by_an_older_version_is_scrubbed(
-    sqlite_url: str, study_name: str
-) -> None:
+        sqlite_url: str, study_name: str) -> None:
     spec = sleepy_spec(study_name, storage=f"postgresql://u:{PASSWORD}@db/x")
     study = _update(sqlite_url, spec).study
     study.set_user_attr(record.SPEC, spec_from_dict(spec).resolved())  # as before the fix
@@ -85,41 +72,28 @@ def test_the_budget_changes_only_when_asked(sqlite_url: str, study_name: str) ->
 
 
 def test_the_budget_never_drops_below_the_finished_trials(
-    sqlite_url: str, study_name: str
-) -> None:
+        sqlite_url: str, study_name: str) -> None:
     study = _update(sqlite_url, sleepy_spec(study_name, n_trials=10)).study
     for x in (0.1, 0.2, 0.3):
-        study.add_trial(
-            optuna.trial.create_trial(
-                state=TrialState.COMPLETE,
-                value=x,
-                params={"x": x},
-                distributions={"x": optuna.distributions.FloatDistribution(-1, 1)},
-            )
-        )
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.COMPLETE, value=x, params={"x": x},
+            distributions={"x": optuna.distributions.FloatDistribution(-1, 1)}))
     with pytest.raises(StudyConflictError, match="3 trials have already finished"):
         _update(sqlite_url, sleepy_spec(study_name, n_trials=10), n_trials=2)
     assert study.user_attrs[record.BUDGET] == 10
-    assert [str(c) for c in _update(sqlite_url, sleepy_spec(study_name), n_trials=3).changes] == [
-        "n_trials: 10 -> 3"
-    ]
+    assert [str(c) for c in _update(sqlite_url, sleepy_spec(study_name), n_trials=3).changes
+            ] == ["n_trials: 10 -> 3"]
 
 
 def test_workers_pruning_and_early_stopping_edits_are_applied_and_recorded(
-    sqlite_url: str, study_name: str
-) -> None:
+        sqlite_url: str, study_name: str) -> None:
     spec = sleepy_spec(study_name)
     _update(sqlite_url, spec)
-    edited = {
-        **spec,
-        "workers": {**spec["workers"], "max_retries": 3},
-        "early_stopping": {"patience": 2},
-    }
+    edited = {**spec, "workers": {**spec["workers"], "max_retries": 3},
+              "early_stopping": {"patience": 2}}
     update = _update(sqlite_url, edited)
     assert sorted(str(c) for c in update.changes) == [
-        "early_stopping.patience: (none) -> 2",
-        "workers.max_retries: 1 -> 3",
-    ]
+        "early_stopping.patience: (none) -> 2", "workers.max_retries: 1 -> 3"]
     assert "applied: " in update.describe()
     _, stored = load_study(study_name, open_storage(sqlite_url))
     assert stored.workers.max_retries == 3 and stored.early_stopping.patience == 2
@@ -127,21 +101,15 @@ def test_workers_pruning_and_early_stopping_edits_are_applied_and_recorded(
     assert sorted(fields) == ["early_stopping.patience", "workers.max_retries"]
 
 
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        (
-            {"space": {**base_spec("x")["space"], "depth": {"low": 1, "high": 6}}},
-            "space.depth.high: stored 2, new 6",
-        ),
-        ({"seed": 1}, "seed: stored 0, new 1"),
-        ({"sampler": {"type": "random"}}, "sampler.type: stored 'tpe', new 'random'"),
-        ({"epochs": 9}, "epochs: stored 3, new 9"),
-    ],
-)
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"space": {**base_spec("x")["space"], "depth": {"low": 1, "high": 6}}},
+     "space.depth.high: stored 2, new 6"),
+    ({"seed": 1}, "seed: stored 0, new 1"),
+    ({"sampler": {"type": "random"}}, "sampler.type: stored 'tpe', new 'random'"),
+    ({"epochs": 9}, "epochs: stored 3, new 9"),
+])
 def test_identity_seed_and_sampler_edits_are_refused_with_both_values_and_nothing_applied(
-    sqlite_url: str, study_name: str, edit: dict, message: str
-) -> None:
+        sqlite_url: str, study_name: str, edit: dict, message: str) -> None:
     spec = base_spec(study_name)
     study = _update(sqlite_url, spec).study
     before = dict(study.user_attrs)
@@ -153,9 +121,8 @@ def test_identity_seed_and_sampler_edits_are_refused_with_both_values_and_nothin
     assert study.user_attrs == before, "a refused edit applies nothing"
 
 
-def test_the_cli_says_what_was_applied(
-    sqlite_url: str, study_name: str, write_spec, tmp_path: Path
-) -> None:
+def test_the_cli_says_what_was_applied(sqlite_url: str, study_name: str, write_spec,
+                                       tmp_path: Path) -> None:
     spec = sleepy_spec(study_name)
     first = _search("create", str(write_spec(spec)), "--storage", sqlite_url, cwd=tmp_path)
     assert first.returncode == 0 and f"Created study {study_name}" in first.stdout
@@ -180,10 +147,8 @@ def _race(url: str, name: str) -> list[str]:
         except StudyConflictError as e:
             outcomes.append(f"refused: {e}")
 
-    threads = [
-        threading.Thread(target=create, args=(s, h))
-        for s, h in zip(storages, (1.0, 2.0), strict=True)
-    ]
+    threads = [threading.Thread(target=create, args=(s, h))
+               for s, h in zip(storages, (1.0, 2.0), strict=True)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -192,8 +157,7 @@ def _race(url: str, name: str) -> list[str]:
 
 
 def test_of_two_concurrent_creates_with_different_spaces_exactly_one_wins(
-    pg_url: str, study_name: str
-) -> None:
+        pg_url: str, study_name: str) -> None:
     for attempt in range(4):  # before the fix both won in 4 of 6 such races
         refused, won = _race(pg_url, f"{study_name}-{attempt}")
         assert won == "won", (refused, won)

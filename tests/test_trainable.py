@@ -45,13 +45,8 @@ def test_training_is_deterministic_on_cpu() -> None:
 
 def test_training_learns_digits() -> None:
     reports: list[dict] = []
-    train(
-        {"lr": 0.003, "batch_size": 64, "depth": 2, "width": 64},
-        "cpu",
-        lambda step, m: reports.append(m),
-        dataset="digits",
-        epochs=8,
-    )
+    train({"lr": 0.003, "batch_size": 64, "depth": 2, "width": 64}, "cpu",
+          lambda step, m: reports.append(m), dataset="digits", epochs=8)
     assert reports[-1]["val_accuracy"] > 0.9
 
 

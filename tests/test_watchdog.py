@@ -32,11 +32,8 @@ from search.watchdog import EXIT_RECYCLE, Watchdog
     ],
 )
 def test_a_trial_is_overdue_past_either_limit(
-    epoch_timeout: float | None,
-    trial_timeout: float | None,
-    last_report: float | None,
-    now: float,
-    expected: str | None,
+    epoch_timeout: float | None, trial_timeout: float | None, last_report: float | None,
+    now: float, expected: str | None,
 ) -> None:
     watchdog = Watchdog(epoch_timeout, trial_timeout)
     watchdog.reporter = SimpleNamespace(last_report=last_report)
@@ -63,24 +60,15 @@ def _wait_for(predicate: Callable[[], object], timeout: float, what: str) -> Non
 
 @pytest.mark.slow
 def test_a_hung_trial_times_out_is_retried_once_and_its_worker_is_recycled(
-    pg_url: str, study_name: str, tmp_path: Path
-) -> None:
-    spec = sleepy_spec(
-        study_name,
-        n_trials=3,
-        objective={"function": "objectives:hangs"},
-        workers={"heartbeat_interval": 1, "grace_period": 4, "max_retries": 1, "epoch_timeout": 2},
-    )
+        pg_url: str, study_name: str, tmp_path: Path) -> None:
+    spec = sleepy_spec(study_name, n_trials=3, objective={"function": "objectives:hangs"},
+                       workers={"heartbeat_interval": 1, "grace_period": 4, "max_retries": 1,
+                                "epoch_timeout": 2})
     create_or_load_study(spec_from_dict(spec), open_storage(pg_url))
 
     def worker() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "search", "worker", study_name],
-            env=cli_env(pg_url),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return subprocess.run([sys.executable, "-m", "search", "worker", study_name],
+                              env=cli_env(pg_url), capture_output=True, text=True, timeout=120)
 
     first = worker()
     assert first.returncode == EXIT_RECYCLE, first.stderr[-2000:]
@@ -96,25 +84,14 @@ def test_a_hung_trial_times_out_is_retried_once_and_its_worker_is_recycled(
 
 @pytest.mark.slow
 def test_a_second_signal_hands_the_trial_back_at_once(
-    sqlite_url: str, study_name: str, tmp_path: Path
-) -> None:
-    create_or_load_study(
-        spec_from_dict(sleepy_spec(study_name, n_trials=2)), open_storage(sqlite_url)
-    )
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "search", "worker", study_name],
-        env=cli_env(sqlite_url, SEARCH_TEST_EPOCH_SECONDS="60"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    _wait_for(
-        lambda: any(
-            t.state == TrialState.RUNNING and t.params for t in _trials(sqlite_url, study_name)
-        ),
-        60,
-        "a running trial",
-    )
+        sqlite_url: str, study_name: str, tmp_path: Path) -> None:
+    create_or_load_study(spec_from_dict(sleepy_spec(study_name, n_trials=2)),
+                         open_storage(sqlite_url))
+    worker = subprocess.Popen([sys.executable, "-m", "search", "worker", study_name],
+                              env=cli_env(sqlite_url, SEARCH_TEST_EPOCH_SECONDS="60"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: any(t.state == TrialState.RUNNING and t.params
+                          for t in _trials(sqlite_url, study_name)), 60, "a running trial")
     worker.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     worker.send_signal(signal.SIGTERM)

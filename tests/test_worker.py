@@ -273,14 +273,9 @@ def test_a_worker_holds_one_database_connection(
         held = []
         with engine.connect() as connection:
             for _ in range(40):
-                held.append(
-                    connection.execute(
-                        sqlalchemy.text(
-                            "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"
-                        ),
-                        {"name": f"search {os.uname().nodename}:{worker.pid}"},
-                    ).scalar()
-                )
+                held.append(connection.execute(sqlalchemy.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"),
+                    {"name": f"search {os.uname().nodename}:{worker.pid}"}).scalar())
                 time.sleep(0.1)
         assert max(held) == 1, held
     finally:
