@@ -120,31 +120,32 @@ class Curve:
         last rise of the reported `lr` (a warm-up step or a restart)."""
         if self.steps[index] <= self.warmup_epochs + settle:
             return False
+        return not any(self.lr_rose(back) for back in range(max(0, index - settle), index + 1))
+
+    def lr_rose(self, index: int) -> bool:
+        """Whether the reported `lr` rose (by more than 0.1%) at entry `index`."""
         lr = self.extras["lr"]
-        for back in range(max(0, index - settle), index + 1):
-            if back > 0 and lr[back] > lr[back - 1] * 1.001:
-                return False
-        return True
+        return index > 0 and lr[index] > lr[index - 1] * 1.001
 
     @property
     def warmup(self) -> int:
         """The trial's learning-rate warm-up in epochs: its `warmup_epochs` param, or the
         epochs over which the reported `lr` first rose, whichever is longer."""
-        lr, rising = self.extras["lr"], 0
-        for i in range(1, len(lr)):
-            if not lr[i] > lr[i - 1] * 1.001:
+        rising = 0
+        for i in range(1, len(self.steps)):
+            if not self.lr_rose(i):
                 break
             rising = self.steps[i]
         return max(self.warmup_epochs, rising)
 
     def segment_start(self) -> int:
         """The index where the current stretch of the schedule began: the first entry after
-        the warm-up (params) and after the last rise of the reported `lr` (a restart); 0
-        for a trial with neither."""
+        the warm-up (params) and the last at which the reported `lr` rose (the end of its
+        warm-up, a restart); 0 for a trial with neither. Clamped to the last entry: a trial
+        still in its warm-up is at the start of its stretch."""
         start = sum(1 for step in self.steps if step <= self.warmup_epochs)
-        lr = self.extras["lr"]
-        for i in range(max(1, start), len(lr)):
-            if lr[i] > lr[i - 1] * 1.001:
+        for i in range(max(1, start), len(self.steps)):
+            if self.lr_rose(i):
                 start = i
         return min(start, max(0, len(self.steps) - 1))
 

@@ -196,19 +196,19 @@ class TrendPruner(BasePruner):
         _, values = curve.finite()
         if peers is None or not values or peers.complete < max(1, self.n_startup_trials):
             return None
-        step = curve.steps[-1]
+        step, warmup = curve.steps[-1], curve.warmup
         if step < self.n_warmup_steps:
             return None
-        if step < self.n_warmup_steps + curve.warmup and values[-1] > min(values):
+        if step < self.n_warmup_steps + warmup and values[-1] > min(values):
             return None  # rising again after its learning-rate warm-up: not yet judged
         start = curve.segment_start()
         if start > 0 and start == len(curve.steps) - 1:
-            return None  # the learning rate rose at this epoch (a restart)
-        age = max(1, step - curve.warmup // 2)  # a linear warm-up trains at half the lr
+            return None  # in its warm-up, or the lr rose at this epoch (warm-up end, restart)
+        age = max(1, step - warmup // 2)  # a linear warm-up trains at half the lr
         now = peers.by_step.get(age, [])
         if not now:
             return None
-        trend = self._trend(curve)
+        trend = self._trend(curve, start)
         best, median = min(values), _percentile(now, self.percentile)
         if best <= median:
             return self._ends(curve, peers, best, trend)
@@ -228,11 +228,11 @@ class TrendPruner(BasePruner):
             False,
         )
 
-    def _trend(self, curve: Curve) -> tuple[list[int], list[float]]:
+    def _trend(self, curve: Curve, start: int) -> tuple[list[int], list[float]]:
         """The finite values the trend is fitted to: the last `window` of the current
-        stretch of the schedule (after the warm-up and the last learning-rate restart),
-        from the highest of them when 3 or more follow it (the curve since it turned down)."""
-        steps, values = curve.finite_from(curve.segment_start())
+        stretch of the schedule (from entry `start`, `Curve.segment_start`), from the highest
+        of them when 3 or more follow it (the curve since it turned down)."""
+        steps, values = curve.finite_from(start)
         steps, values = steps[-self.window :], values[-self.window :]
         peak = values.index(max(values)) if values else 0
         if len(values) - peak >= 3:
