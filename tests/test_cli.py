@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import typer.main
@@ -117,6 +118,21 @@ def test_real_subprocess_usage_error_is_one_line() -> None:
                             text=True, timeout=60, env=cli_env())
     assert result.returncode == 2
     assert result.stderr == "Error: Missing argument 'SPEC'.\n"
+
+
+@pytest.mark.parametrize("command", [["status"], ["report", "x"]])
+def test_a_review_command_on_a_missing_sqlite_file_is_one_line_and_creates_nothing(
+    tmp_path: Path, command: list[str]
+) -> None:
+    result = subprocess.run([sys.executable, "-m", "search", *command, "--storage",
+                             "sqlite:///typo.db"], capture_output=True, text=True,
+                            env=cli_env(), timeout=60, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "Error: no SQLite file typo.db: check the path in 'sqlite:///typo.db' (nothing was "
+        "created)"
+    ]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_real_subprocess_entry_point() -> None:

@@ -143,15 +143,3 @@ def test_compute_summary_counts_what_pruning_saved_per_rule(study_db) -> None:
     assert summary["failures"]["heartbeat-stale"]["trials"] == 1
     complete = summary["per_state"]["COMPLETE"]
     assert complete["trials"] == 7 and complete["seconds"] > 0.0
-
-
-def test_report_on_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "search", "report", "x", "--storage",
-                             "sqlite:///typo.db"], capture_output=True, text=True,
-                            env=cli_env(), timeout=60, cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [
-        "Error: no SQLite file typo.db: check the path in 'sqlite:///typo.db' (nothing was "
-        "created)"
-    ]
-    assert list(tmp_path.iterdir()) == []

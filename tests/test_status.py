@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import cli_env, wait_for
+from conftest import wait_for
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -58,19 +56,6 @@ def test_progress_bar_wraps_its_counts_instead_of_cutting_them(width: int, tmp_p
                  "188888/200000"):
         assert part in text, (part, text)
     assert "…" not in text
-
-
-def test_status_on_a_missing_sqlite_file_is_one_line_and_creates_nothing(tmp_path: Path
-                                                                         ) -> None:
-    result = subprocess.run([sys.executable, "-m", "search", "status", "--storage",
-                             "sqlite:///typo.db"], capture_output=True, text=True,
-                            env=cli_env(), timeout=60, cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [
-        "Error: no SQLite file typo.db: check the path in 'sqlite:///typo.db' (nothing was "
-        "created)"
-    ]
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_read_only_storage_creates_no_table_in_an_empty_file(tmp_path: Path) -> None:
