@@ -115,12 +115,13 @@ class Curve:
         kept = [(s, v) for s, v in pairs if math.isfinite(v)]
         return [s for s, _ in kept], [v for _, v in kept]
 
-    def settled(self, index: int, settle: int = SETTLE_EPOCHS) -> bool:
-        """Whether entry `index` is `settle` epochs past the warm-up (params) and past the
+    def settled(self, index: int) -> bool:
+        """Whether entry `index` is `SETTLE_EPOCHS` past the warm-up (params) and past the
         last rise of the reported `lr` (a warm-up step or a restart)."""
-        if self.steps[index] <= self.warmup_epochs + settle:
+        if self.steps[index] <= self.warmup_epochs + SETTLE_EPOCHS:
             return False
-        return not any(self.lr_rose(back) for back in range(max(0, index - settle), index + 1))
+        since = range(max(0, index - SETTLE_EPOCHS), index + 1)
+        return not any(self.lr_rose(back) for back in since)
 
     def lr_rose(self, index: int) -> bool:
         """Whether the reported `lr` rose (by more than 0.1%) at entry `index`."""
