@@ -16,7 +16,9 @@ final defaults were chosen (see RESULTS.md, "History"); 5 (`*-e`) a fourth, gene
 start of the second issue-11 session and looked at after its first freeze; 6 (`*-f`) a fifth,
 generated after its second freeze and looked at before its last change; 7 (`*-g`) a sixth,
 generated after the third freeze and looked at before `overfit_patience` went back to 3; 8
-(`*-h`) a seventh, generated after that last change.
+(`*-h`) a seventh, generated after that last change; 9 (`*-i`) an eighth, generated in the
+third session after the comparison's budget-relative warm-up was frozen (looked at before
+the last-step and overfitting changes); 10 (`*-j`) a ninth, generated after those.
 
 Why not wine: its validation split has 36 samples, and 50 of 210 wine runs (exploded ones
 among them) reach val_loss < 0.001, so "the 5 best curves" is a tie among dozens.
@@ -86,6 +88,14 @@ TASKS: dict[str, tuple[int, int, tuple[int, ...], int]] = {
     "digits-h": (8002, 30, (32, 64, 128, 256), 128),
     "synthetic6-h": (8004, 30, (32, 64, 128, 256), 128),
     "synthetic4-h": (8003, 30, (32, 64, 128, 256), 128),
+    "breast_cancer-i": (9001, 30, (16, 32, 64, 128), 256),
+    "digits-i": (9002, 30, (32, 64, 128, 256), 128),
+    "synthetic6-i": (9004, 30, (32, 64, 128, 256), 128),
+    "synthetic4-i": (9003, 30, (32, 64, 128, 256), 128),
+    "breast_cancer-j": (10001, 30, (16, 32, 64, 128), 256),
+    "digits-j": (10002, 30, (32, 64, 128, 256), 128),
+    "synthetic6-j": (10004, 30, (32, 64, 128, 256), 128),
+    "synthetic4-j": (10003, 30, (32, 64, 128, 256), 128),
 }
 #: tasks whose curves all go to one part (the others: one in three to part 1)
 FIXED_PART = {"synthetic4": 1, "breast_cancer-b": 2, "digits-b": 2, "synthetic6-b": 2}
@@ -102,6 +112,10 @@ FIXED_PART.update({f"{name}-g": 7 for name in ("breast_cancer", "digits", "synth
 FIXED_PART["synthetic4-g"] = 7
 FIXED_PART.update({f"{name}-h": 8 for name in ("breast_cancer", "digits", "synthetic6")})
 FIXED_PART["synthetic4-h"] = 8
+FIXED_PART.update({f"{name}-i": 9 for name in ("breast_cancer", "digits", "synthetic6")})
+FIXED_PART["synthetic4-i"] = 9
+FIXED_PART.update({f"{name}-j": 10 for name in ("breast_cancer", "digits", "synthetic6")})
+FIXED_PART["synthetic4-j"] = 10
 CLASSES = {"breast_cancer": 2, "digits": 10, "synthetic6": 6, "synthetic4": 4}
 
 

@@ -45,7 +45,11 @@ from search.pruning import DivergencePruner, TrendPruner, default_pruner
 from search.trainable import lr_at
 
 HERE = Path(__file__).resolve().parent
-EPOCHS = 40
+#: the epochs every recorded curve was trained for (its lr schedule spans them)
+TRAINED = 40
+#: the epochs a replayed trial runs: `--epochs N` replays the first N of each curve (a
+#: study of N-epoch trials; the lr is still the 40-epoch schedule's)
+EPOCHS = TRAINED
 TOP = 5
 #: the `split` values of the curve files: see make_curves.py
 PARTS = {
@@ -58,6 +62,8 @@ PARTS = {
     "fresh-5": 6,
     "fresh-6": 7,
     "fresh-7": 8,
+    "fresh-8": 9,
+    "fresh-9": 10,
 }
 MODES = {"full": ("train_loss", "grad_norm", "lr"), "metric-only": ()}
 
@@ -92,7 +98,7 @@ class Pool:
                 lr = lr_at(
                     e,
                     base_lr=float(params["lr"]),
-                    epochs=EPOCHS,
+                    epochs=TRAINED,
                     schedule=str(params.get("schedule", "constant")),
                     warmup_epochs=int(params.get("warmup_epochs", 0)),
                     step_gamma=float(params.get("step_gamma", 0.5)),
@@ -139,7 +145,7 @@ def load_pools(folder: Path, part: int) -> list[Pool]:
         chosen = data["split"] == part
         if not chosen.any():
             continue
-        curves = data["curves"][chosen].astype(np.float64)
+        curves = data["curves"][chosen].astype(np.float64)[:, :, :EPOCHS]
         params = [p for p, c in zip(json.loads(str(data["params"])), chosen, strict=True) if c]
         pools.append(
             Pool(
@@ -253,7 +259,12 @@ def main() -> None:
     parser.add_argument("--mode", choices=[*MODES, "all"], default="full")
     parser.add_argument("--only", help="comma-separated pruner names (substring match)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--epochs", type=int, default=TRAINED, help="replay the first N epochs of each curve"
+    )
     args = parser.parse_args()
+    global EPOCHS
+    EPOCHS = min(args.epochs, TRAINED)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     parts = PARTS if args.part == "all" else {args.part: PARTS[args.part]}
