@@ -210,7 +210,7 @@ class DivergencePruner(BasePruner):
         trend = comparative if isinstance(comparative, TrendPruner) else None
         self.cache = trend.cache if trend is not None else PeerCache()
         self.n_startup_trials = trend.n_startup_trials if trend is not None else 5
-        self._peers_from = trend.n_warmup_steps if trend is not None else 1
+        self._peers_from = trend.earliest_step if trend is not None else 1
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         verdict = self.decide(study, trial)

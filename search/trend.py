@@ -20,6 +20,10 @@ from search.curves import Curve, Verdict, check_ranges
 from search.optuna_compat import storage_of
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+#: `TrendPruner`'s default warm-up: no comparison before this step ...
+WARMUP_STEPS = 5
+#: ... or before a fifth of the trials' length when that is shorter, but never before this
+SHORTEST_WARMUP = 2
 
 
 class Peers:
@@ -98,7 +102,8 @@ class Peers:
 class TrendPruner(BasePruner):
     """Prune a trial that is behind its peers now and not improving fast enough to catch up.
 
-    From step `n_warmup_steps` on (once `n_startup_trials` are complete), a trial whose best
+    From step `warmup_steps` on (5, or a fifth of the trials' length when that is shorter,
+    at least 2; once `n_startup_trials` are complete), a trial whose best
     value so far is worse than the `percentile` of the finished trials at that step is
     projected `horizon` epochs ahead: a line fitted to its last `window` values (in log space
     for a positive loss whose peers never went below 0 either; a metric that crosses zero is
@@ -110,11 +115,14 @@ class TrendPruner(BasePruner):
 
     Schedule-aware (`Curve.warmup`: the `warmup_epochs` param or the epochs the reported
     `lr` first rose; `Curve.segment_start`): no comparison during the warm-up, nor at an
-    epoch the `lr` rises (a restart), nor, before step `n_warmup_steps` + warm-up, while the
+    epoch the `lr` rises (a restart), nor, before step `warmup_steps` + warm-up, while the
     trial is above its best (climbing out of a warm-up spike); the trend line is fitted only
     to the current stretch of the schedule, from its highest value when 3 or more follow. A
     trial with a linear warm-up of w epochs is compared with its peers at step `step - w // 2`
     (its warm-up trained at half the learning rate on average).
+
+    No comparison at the last step of the complete trials or later: a trial stopped there
+    saves no epoch and loses its result.
 
     NaN/inf: non-finite values are skipped everywhere (`DivergencePruner`'s `non-finite` rule
     handles them); a trial with no finite value is never pruned here.
@@ -133,12 +141,15 @@ class TrendPruner(BasePruner):
         percentile: a trial at least this good among its peers at its step is kept (0-100).
         target_percentile: the rank among all finished trials the projection must reach.
         n_startup_trials: complete trials needed before any comparison.
-        n_warmup_steps: no comparison before this step.
+        n_warmup_steps: no comparison before this step; None (the default): 5, or a fifth
+            of the trials' length (the last step of the complete trials) when that is
+            shorter, but at least 2 (`warmup_steps`): in a 15-epoch study 5 steps would be a
+            third of every trial.
         window: epochs the trend line is fitted to (>= 3).
         horizon: epochs projected ahead (capped at the last step of complete trials).
         noise: multiples of the scatter around the line granted to a noisy curve.
         optimism: multiplies the projected slope.
-        end_percentile: a trial ahead of its peers from step `2 x n_warmup_steps` on whose
+        end_percentile: a trial ahead of its peers from step 2 x `warmup_steps` on whose
             trend, projected to the last step of the complete trials, misses this percentile
             of their bests is ended at its best (`Verdict.end`); None: never.
         refresh_every: `prune` re-reads the study's finished trials at most every this many
@@ -151,7 +162,7 @@ class TrendPruner(BasePruner):
         percentile: float = 50.0,
         target_percentile: float = 10.0,
         n_startup_trials: int = 5,
-        n_warmup_steps: int = 5,
+        n_warmup_steps: int | None = None,
         window: int = 6,
         horizon: int = 15,
         noise: float = 1.0,
@@ -162,7 +173,9 @@ class TrendPruner(BasePruner):
         check_ranges(
             percentile=(percentile, 0, 100), target_percentile=(target_percentile, 0, 100)
         )
-        check_ranges(n_startup_trials=(n_startup_trials, 0), n_warmup_steps=(n_warmup_steps, 0))
+        check_ranges(n_startup_trials=(n_startup_trials, 0))
+        if n_warmup_steps is not None:
+            check_ranges(n_warmup_steps=(n_warmup_steps, 0))
         if end_percentile is not None:
             check_ranges(end_percentile=(end_percentile, 0, 100))
         check_ranges(
@@ -179,6 +192,19 @@ class TrendPruner(BasePruner):
         self.end_percentile = end_percentile
         self.cache = PeerCache(refresh_every)
 
+    @property
+    def earliest_step(self) -> int:
+        """The first step any comparison can happen at, whatever the trials' length."""
+        return SHORTEST_WARMUP if self.n_warmup_steps is None else self.n_warmup_steps
+
+    def warmup_steps(self, peers: Peers) -> int:
+        """Steps before any comparison: `n_warmup_steps`, or by default `WARMUP_STEPS`
+        capped at a fifth of the trials' length (`peers.horizon`), at least
+        `SHORTEST_WARMUP`."""
+        if self.n_warmup_steps is not None:
+            return self.n_warmup_steps
+        return max(SHORTEST_WARMUP, min(WARMUP_STEPS, peers.horizon // 5))
+
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         return self.decide(study, trial) is not None
 
@@ -186,7 +212,7 @@ class TrendPruner(BasePruner):
         """`judge` on the frozen trial, against the study's finished trials (re-read at most
         every `refresh_every` decisions)."""
         step = trial.last_step
-        if step is None or step < self.n_warmup_steps:
+        if step is None or step < self.earliest_step:
             return None
         return self.judge(Curve.of(trial, study.direction), self.cache.get(study))
 
@@ -196,10 +222,10 @@ class TrendPruner(BasePruner):
         _, values = curve.finite()
         if peers is None or not values or peers.complete < max(1, self.n_startup_trials):
             return None
-        step, warmup = curve.steps[-1], curve.warmup
-        if step < self.n_warmup_steps:
-            return None
-        if step < self.n_warmup_steps + warmup and values[-1] > min(values):
+        step, warmup, wait = curve.steps[-1], curve.warmup, self.warmup_steps(peers)
+        if step < wait or 0 < peers.horizon <= step:
+            return None  # warming up, or at the peers' last step: stopping saves nothing
+        if step < wait + warmup and values[-1] > min(values):
             return None  # rising again after its learning-rate warm-up: not yet judged
         start = curve.segment_start()
         if start > 0 and start == len(curve.steps) - 1:
@@ -211,7 +237,7 @@ class TrendPruner(BasePruner):
         trend = self._trend(curve, start)
         best, median = min(values), _percentile(now, self.percentile)
         if best <= median:
-            return self._ends(curve, peers, best, trend)
+            return self._ends(curve, peers, best, trend, wait)
         target = min(age + self.horizon, max(peers.horizon, age))
         log = curve.positive and peers.floor > 0
         projected = self._project(*trend, best, target - age, log=log)
@@ -240,13 +266,18 @@ class TrendPruner(BasePruner):
         return steps, values
 
     def _ends(
-        self, curve: Curve, peers: Peers, best: float, trend: tuple[list[int], list[float]]
+        self,
+        curve: Curve,
+        peers: Peers,
+        best: float,
+        trend: tuple[list[int], list[float]],
+        wait: int,
     ) -> Verdict | None:
         """A trial ahead of its peers whose trend, projected to the last step of the
         complete trials, still misses the `end_percentile` of their bests: ended at its best
         (it is good, so nothing is lost; it will not be the winner)."""
         step = curve.steps[-1]
-        if self.end_percentile is None or step < 2 * self.n_warmup_steps:
+        if self.end_percentile is None or step < 2 * wait:
             return None
         target = max(peers.horizon, step)
         log = curve.positive and peers.floor > 0

@@ -94,12 +94,13 @@ def judge_each_epoch(
 
 
 def complete_peers(n: int, *, scale: float = 1.0, shift: float = 0.0) -> Peers:
-    """`n` complete trials falling from 2.0 to 0.3-0.6 over 20 epochs."""
+    """`n` complete trials falling from 2.0 to 0.3-0.6 over 25 epochs (long enough for the
+    comparison's full 5-epoch warm-up)."""
     peers = Peers(StudyDirection.MINIMIZE)
     trials = []
     for i in range(n):
         end = 0.3 * (1 + i / n)
-        values = {e + 1: 2.0 * (end / 2.0) ** (e / 19) * scale + shift for e in range(20)}
+        values = {e + 1: 2.0 * (end / 2.0) ** (e / 24) * scale + shift for e in range(25)}
         trials.append(create_trial(value=end * scale + shift, intermediate_values=values))
         trials[-1].number = i
     peers.add(trials)
@@ -308,11 +309,11 @@ def test_infeasible_feedback_can_be_turned_off() -> None:
 
 
 def _peers(study: optuna.Study, n: int) -> None:
-    """Add `n` complete trials whose loss falls from 2.0 to 0.3-0.6 over 20 epochs."""
+    """Add `n` complete trials whose loss falls from 2.0 to 0.3-0.6 over 25 epochs."""
     trials = []
     for i in range(n):
         end = 0.3 * (1 + i / n)
-        values = {e + 1: 2.0 * (end / 2.0) ** (e / 19) for e in range(20)}
+        values = {e + 1: 2.0 * (end / 2.0) ** (e / 24) for e in range(25)}
         trials.append(optuna.trial.create_trial(value=end, intermediate_values=values))
     study.add_trials(trials)
 

@@ -27,12 +27,17 @@ def finished(values: list[float], *, number: int, pruned: bool = False) -> Froze
     return trial
 
 
-def falling(n: int, *, start: float = 2.0, scale: float = 1.0, shift: float = 0.0) -> list:
-    """`n` complete trials falling from `start` to 0.3-0.6 over 20 epochs."""
+def falling(
+    n: int, *, start: float = 2.0, scale: float = 1.0, shift: float = 0.0, epochs: int = 25
+) -> list:
+    """`n` complete trials falling from `start` to 0.3-0.6 over `epochs` epochs (25: long
+    enough for the full 5-epoch warm-up)."""
     out = []
     for i in range(n):
         end = 0.3 * (1 + i / n)
-        values = [(start * (end / start) ** (e / 19)) * scale + shift for e in range(20)]
+        values = [
+            (start * (end / start) ** (e / (epochs - 1))) * scale + shift for e in range(epochs)
+        ]
         out.append(finished(values, number=i))
     return out
 
@@ -66,12 +71,12 @@ def test_peers_count_each_finished_trial_once() -> None:
     peers.add(trials)
     peers.add(trials[:2])  # given again: ignored
     peers.add([create_trial(state=TrialState.FAIL)])  # not finished: ignored
-    assert (peers.finished, peers.complete, peers.horizon) == (4, 4, 20)
-    assert len(peers.by_step[1]) == 4 and peers.by_step[20] == sorted(peers.finals)
+    assert (peers.finished, peers.complete, peers.horizon) == (4, 4, 25)
+    assert len(peers.by_step[1]) == 4 and peers.by_step[25] == sorted(peers.finals)
     pruned = finished([2.0, 1.9], number=9, pruned=True)
     peers.add([pruned])
     assert (peers.finished, peers.complete) == (5, 4)
-    assert peers.population(20, 100) == float("inf")  # the pruned one counts as worst
+    assert peers.population(25, 100) == float("inf")  # the pruned one counts as worst
 
 
 def test_peers_flip_a_maximized_metric_and_know_its_spread_and_floor() -> None:
@@ -93,6 +98,26 @@ def test_a_flat_trial_behind_its_peers_is_pruned_at_the_end_of_warm_up() -> None
     assert epoch == 5 and verdict.rule == "comparative" and not verdict.end
     assert verdict.reason.startswith("val_loss best 1.8 at epoch 5 is behind the 50th percentile")
     assert verdict.reason.endswith("of 30 finished trials")
+
+
+@pytest.mark.parametrize(("epochs", "first"), [(10, 2), (15, 3), (20, 4), (40, 5)])
+def test_the_comparison_starts_at_a_fifth_of_a_short_trial(epochs: int, first: int) -> None:
+    """In a study of 15-epoch trials a 5-epoch wait is a third of every trial: by default
+    the comparison starts at a fifth of the trials' length (at least 2, at most 5); an
+    explicit `n_warmup_steps` holds whatever the length."""
+    peers = peers_of(falling(30, epochs=epochs))
+    assert first_verdict(TrendPruner(), FLAT, peers)[0] == first
+    assert first_verdict(TrendPruner(n_warmup_steps=5), FLAT, peers)[0] == 5
+
+
+def test_a_trial_behind_its_peers_at_their_last_epoch_completes() -> None:
+    """Stopped at the last epoch of the complete trials it would save nothing and lose its
+    result (a top-5 curve of the replay was pruned at epoch 40 of 40)."""
+    peers = peers_of(falling(30, epochs=10))
+    behind = [2.0 * (0.7 / 2.0) ** (e / 9) for e in range(10)]  # 0.7 at 10: behind them all
+    pruner = TrendPruner(n_warmup_steps=9)
+    assert pruner.judge(curve(behind[:9]), peers) is not None
+    assert pruner.judge(curve(behind), peers) is None
 
 
 def test_a_slow_starter_that_falls_fast_is_kept() -> None:
@@ -158,7 +183,7 @@ def test_decisions_are_the_same_at_any_scale(scale: float) -> None:
 
 def test_a_maximized_metric_is_read_flipped() -> None:
     accuracy = [
-        finished([(0.9 - 0.01 * i) * (1 - 0.7 ** (e + 1)) for e in range(20)], number=i)
+        finished([(0.9 - 0.01 * i) * (1 - 0.7 ** (e + 1)) for e in range(25)], number=i)
         for i in range(20)
     ]
     for t in accuracy:  # a maximized study's trials hold their best (highest) value
@@ -177,7 +202,7 @@ def test_a_metric_that_crosses_zero_is_projected_linearly() -> None:
     """Issue 11: projected in log space while still positive, a trial falling like its
     peers (which end below 0) was pruned against them."""
     peers = peers_of(
-        [finished([1.0 - 0.1 * e * (1 + i / 20) for e in range(20)], number=i) for i in range(20)]
+        [finished([1.0 - 0.1 * e * (1 + i / 20) for e in range(25)], number=i) for i in range(20)]
     )
     behind = [1.0, 0.9, 0.7, 0.4, 0.1]  # behind now, but falling fast towards 0 and below
     assert first_verdict(TrendPruner(), behind, peers)[0] is None
