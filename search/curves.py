@@ -311,8 +311,9 @@ def overfitting(
     `margin` of its fall and by `noise_factor` x the curve's noise (all its values), and the
     last the worst so far after the best (never before `patience + 5` values); the fall
     must be large, as for `divergence` (`min_fall`, `scale`); with
-    `train_loss` reported it must not have risen since the best epoch by more than
-    `margin` of its value there (training that gets worse too is not overfitting).
+    `train_loss` reported it must have fallen since the best epoch by more than `margin` of
+    its value there (overfitting is training that still improves while validation gets
+    worse; with both flat or worse it is a noisy plateau or a rebound, not overfitting).
     Feasible: the trial got somewhere, it is ended at its best (see `search.pruning`)."""
     steps, values = curve.finite()
     if len(values) < patience + NOISE_VALUES - 1:
@@ -330,8 +331,8 @@ def overfitting(
         return None
     train = curve.extras["train_loss"]
     then, now = train[curve.steps.index(steps[best_at])], train[-1]
-    if math.isfinite(then) and math.isfinite(now) and now > then + margin * abs(then):
-        return None  # training got worse too: not overfitting
+    if math.isfinite(then) and math.isfinite(now) and now > then - margin * abs(then):
+        return None  # training did not get better either: a plateau, not overfitting
     return Verdict(
         "overfitting",
         f"{curve.name} {curve.shown(values[-1])} has been worse than its best "
