@@ -3,7 +3,8 @@
 Each rule takes a `Curve` (the trial's values flipped so lower is better, with `train_loss`,
 `grad_norm` and `lr` where reported, and the trial's schedule) and returns a `Verdict` or
 None. No rule queries the storage. A rule that needs the study's scale (a metric that is not
-a positive loss) takes it as an argument (`Peers.spread`). See `search.pruning` for the rule
+a positive loss, or a loss that starts near the study's best) takes it as an argument
+(`Peers.spread`). See `search.pruning` for the rule
 table and the NaN/inf behaviour.
 """
 
@@ -183,12 +184,12 @@ def divergence(
     best to that best) for `patience` settled epochs in a row, and `train_loss`, when
     reported, did too (overfitting raises only the metric: see `overfitting`).
 
-    Guards: the fall must be at least `min_fall` x the curve's level (its highest value, for
-    a positive loss; else `scale`, the study's typical fall, when known; else the size of its
-    first value, once 6 values show its noise) and `noise_factor` x its own noise (measured
-    on the values before the last `patience`, the rebound being judged); epochs in warm-up
-    or right after a learning-rate rise (`Curve.settled`) do not count. Non-finite entries
-    are skipped.
+    Guards: the fall must be at least `min_fall` x the curve's level (for a positive loss
+    its highest value, or `scale`, the study's typical fall, when larger; else `scale` when
+    known; else the size of its first value, once 6 values show its noise) and
+    `noise_factor` x its own noise (measured on the values before the last `patience`, the
+    rebound being judged); epochs in warm-up or right after a learning-rate rise
+    (`Curve.settled`) do not count. Non-finite entries are skipped.
     """
     given = _given_back(curve.values)
     confirmed = curve.reported("train_loss")
@@ -358,11 +359,12 @@ def _jitter(values: list[float]) -> float:
 
 
 def _level(curve: Curve, top: float, scale: float | None, seen: int) -> float:
-    """What a fall is measured against: a positive loss's own height `top`; else the study's
-    `scale`; else (no peers) the size of the first value, once the noise is known (`inf`
-    before: no fall is large yet)."""
+    """What a fall is measured against: a positive loss's own height `top`, or the study's
+    `scale` when larger (a trial that starts near the study's best falls little, and a
+    wiggle there is not a rebound); else the study's `scale`; else (no peers) the size of
+    the first value, once the noise is known (`inf` before: no fall is large yet)."""
     if curve.positive:
-        return abs(top)
+        return max(abs(top), scale) if scale is not None else abs(top)
     if scale is not None:
         return scale
     finite = [v for v in curve.values if math.isfinite(v)]

@@ -90,8 +90,9 @@ class DivergencePruner(BasePruner):
     tell pruned from ended). They apply from the first epoch. Guards, rule by rule (see
     `search.curves`):
         divergence: the fall must be >= `min_fall` x the curve's level (a positive loss:
-            its highest value before the best; any other metric: the study's typical fall,
-            `Peers.spread`) and >= `noise_factor` x the curve's own epoch-to-epoch noise;
+            its highest value before the best, or the study's typical fall `Peers.spread`
+            when larger; any other metric: the study's typical fall) and >= `noise_factor` x
+            the curve's own epoch-to-epoch noise;
             rises during the warm-up (`warmup_epochs` param) or within 2 epochs of a rise of
             the reported `lr` (warm-up, restart) do not count. The metric-only mode (no
             `train_loss`) uses `unconfirmed_margin` and the same patience, so the rebound
@@ -242,7 +243,7 @@ class DivergencePruner(BasePruner):
         else `TrendPruner.judge`, else None. Pure: no I/O."""
         if not curve.steps:
             return None
-        scale = peers.spread() if peers is not None and not curve.positive else None
+        scale = peers.spread() if peers is not None else None
         for rule in self.rules:
             verdict = self._apply(rule, curve, scale)
             if verdict is not None:

@@ -139,6 +139,16 @@ def test_a_fall_within_the_curves_own_noise_is_not_given_back() -> None:
     assert first_divergence([1.3, 1.0, 0.7, 0.7, 0.7, 0.7, 0.7, 1.25, 1.2]) == 9
 
 
+def test_a_loss_that_starts_near_the_studys_best_needs_a_fall_the_size_of_the_studys() -> None:
+    """Metric-only, a trial that starts near the study's best wiggles 0.114 -> 0.095 ->
+    0.116: on its own height that is a 17 % fall given back, a rebound; against a study whose
+    trials fall 0.4 it is noise. The canonical rebound is caught either way."""
+    wiggle = [0.114, 0.107, 0.095, 0.099, 0.116, 0.116]
+    assert diverged(curve(wiggle))
+    assert not diverged(curve(wiggle), scale=0.4)
+    assert diverged(curve([3.2, 1.8, 2.5, 2.6]), scale=0.4)
+
+
 def test_a_flat_run_is_a_stall_never_divergence() -> None:
     """A too-small learning rate: the loss jitters around where it started."""
     flat = [2.303, 2.301, 2.305, 2.302, 2.306, 2.303, 2.307, 2.302, 2.304, 2.303, 2.305, 2.304]
