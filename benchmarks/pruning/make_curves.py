@@ -18,7 +18,9 @@ generated after its second freeze and looked at before its last change; 7 (`*-g`
 generated after the third freeze and looked at before `overfit_patience` went back to 3; 8
 (`*-h`) a seventh, generated after that last change; 9 (`*-i`) an eighth, generated in the
 third session after the comparison's budget-relative warm-up was frozen (looked at before
-the last-step and overfitting changes); 10 (`*-j`) a ninth, generated after those.
+the last-step and overfitting changes); 10 (`*-j`) a ninth, generated after those
+(looked at, metric-only, before the study-relative fall of a loss); 11 (`*-k`) a tenth,
+generated after that.
 
 Why not wine: its validation split has 36 samples, and 50 of 210 wine runs (exploded ones
 among them) reach val_loss < 0.001, so "the 5 best curves" is a tie among dozens.
@@ -96,6 +98,10 @@ TASKS: dict[str, tuple[int, int, tuple[int, ...], int]] = {
     "digits-j": (10002, 30, (32, 64, 128, 256), 128),
     "synthetic6-j": (10004, 30, (32, 64, 128, 256), 128),
     "synthetic4-j": (10003, 30, (32, 64, 128, 256), 128),
+    "breast_cancer-k": (11001, 30, (16, 32, 64, 128), 256),
+    "digits-k": (11002, 30, (32, 64, 128, 256), 128),
+    "synthetic6-k": (11004, 30, (32, 64, 128, 256), 128),
+    "synthetic4-k": (11003, 30, (32, 64, 128, 256), 128),
 }
 #: tasks whose curves all go to one part (the others: one in three to part 1)
 FIXED_PART = {"synthetic4": 1, "breast_cancer-b": 2, "digits-b": 2, "synthetic6-b": 2}
@@ -116,6 +122,8 @@ FIXED_PART.update({f"{name}-i": 9 for name in ("breast_cancer", "digits", "synth
 FIXED_PART["synthetic4-i"] = 9
 FIXED_PART.update({f"{name}-j": 10 for name in ("breast_cancer", "digits", "synthetic6")})
 FIXED_PART["synthetic4-j"] = 10
+FIXED_PART.update({f"{name}-k": 11 for name in ("breast_cancer", "digits", "synthetic6")})
+FIXED_PART["synthetic4-k"] = 11
 CLASSES = {"breast_cancer": 2, "digits": 10, "synthetic6": 6, "synthetic4": 4}
 
 

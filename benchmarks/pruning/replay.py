@@ -64,6 +64,7 @@ PARTS = {
     "fresh-7": 8,
     "fresh-8": 9,
     "fresh-9": 10,
+    "fresh-10": 11,
 }
 MODES = {"full": ("train_loss", "grad_norm", "lr"), "metric-only": ()}
 
