@@ -4,8 +4,7 @@ Each rule takes a `Curve` (the trial's values flipped so lower is better, with `
 `grad_norm` and `lr` where reported, and the trial's schedule) and returns a `Verdict` or
 None. No rule queries the storage. A rule that needs the study's scale (a metric that is not
 a positive loss, or a loss that starts near the study's best) takes it as an argument
-(`Peers.spread`). See `search.pruning` for the rule
-table and the NaN/inf behaviour.
+(`Peers.spread`). See `search.pruning` for the rule table and the NaN/inf behaviour.
 """
 
 from __future__ import annotations
