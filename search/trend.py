@@ -105,10 +105,10 @@ class TrendPruner(BasePruner):
     From step `warmup_steps` on (5, or a fifth of the trials' length when that is shorter,
     at least 2; once `n_startup_trials` are complete), a trial whose best value so far is
     worse than the `percentile` of the finished trials at that step is projected `horizon`
-    epochs ahead: a line fitted to its last `window` values (in log space
-    for a positive loss whose peers never went below 0 either; a metric that crosses zero is
-    projected linearly) is extended by its slope x `optimism` and lowered by `noise` x the
-    scatter around it. The trial is pruned when even that projection is worse than the
+    epochs ahead: a line fitted to its last `window` values (in log space for a positive
+    loss whose peers never went below 0 either; a metric that crosses zero is projected
+    linearly) is extended by its slope x `optimism` and lowered by `noise` x the scatter
+    around it. The trial is pruned when even that projection is worse than the
     `target_percentile` of all finished trials at the projected step, where a trial pruned
     before that step counts as worse than every one that got there, so the bar does not rise
     as weak trials are pruned. A slow starter that falls fast projects far and is kept.
