@@ -50,80 +50,29 @@ from search import trainable
 HERE = Path(__file__).resolve().parent
 EPOCHS = 40
 METRICS = ("val_loss", "train_loss", "grad_norm", "val_accuracy")
-#: task (dataset[-variant]) -> (sampling seed, curves, batch sizes, widest layer)
+#: dataset -> (seed offset, batch sizes, widest layer)
+DATASETS: dict[str, tuple[int, tuple[int, ...], int]] = {
+    "breast_cancer": (1, (16, 32, 64, 128), 256),
+    "digits": (2, (32, 64, 128, 256), 128),
+    "synthetic6": (4, (32, 64, 128, 256), 128),
+    "synthetic4": (3, (32, 64, 128, 256), 128),
+}
+#: the fresh held-out sets (the docstring says when each was made): suffix -> (part, curves
+#: per dataset); a set's sampling seed is part x 1000 + the dataset's offset
+FRESH = {"b": (2, 70), "c": (3, 50), **{s: (part, 30) for part, s in enumerate("defghijk", 4)}}
+#: task (dataset[-suffix]) -> (sampling seed, curves, batch sizes, widest layer)
 TASKS: dict[str, tuple[int, int, tuple[int, ...], int]] = {
-    "breast_cancer": (1001, 210, (16, 32, 64, 128), 256),
-    "digits": (1002, 210, (32, 64, 128, 256), 128),
-    "synthetic6": (1004, 210, (32, 64, 128, 256), 128),
-    "synthetic4": (1003, 150, (32, 64, 128, 256), 128),
-    "breast_cancer-b": (2001, 70, (16, 32, 64, 128), 256),
-    "digits-b": (2002, 70, (32, 64, 128, 256), 128),
-    "synthetic6-b": (2004, 70, (32, 64, 128, 256), 128),
-    "synthetic4-b": (2003, 70, (32, 64, 128, 256), 128),
-    # issue 11: generated after the new defaults were frozen
-    "breast_cancer-c": (3001, 50, (16, 32, 64, 128), 256),
-    "digits-c": (3002, 50, (32, 64, 128, 256), 128),
-    "synthetic6-c": (3004, 50, (32, 64, 128, 256), 128),
-    "synthetic4-c": (3003, 50, (32, 64, 128, 256), 128),
-    # issue 11, second freeze: generated before, looked at only after, the final defaults
-    "breast_cancer-d": (4001, 30, (16, 32, 64, 128), 256),
-    "digits-d": (4002, 30, (32, 64, 128, 256), 128),
-    "synthetic6-d": (4004, 30, (32, 64, 128, 256), 128),
-    "synthetic4-d": (4003, 30, (32, 64, 128, 256), 128),
-    # issue 11, third freeze (second session): generated before, looked at only after
-    "breast_cancer-e": (5001, 30, (16, 32, 64, 128), 256),
-    "digits-e": (5002, 30, (32, 64, 128, 256), 128),
-    "synthetic6-e": (5004, 30, (32, 64, 128, 256), 128),
-    "synthetic4-e": (5003, 30, (32, 64, 128, 256), 128),
-    # issue 11, fourth freeze (second session): generated after its final defaults
-    "breast_cancer-f": (6001, 30, (16, 32, 64, 128), 256),
-    "digits-f": (6002, 30, (32, 64, 128, 256), 128),
-    "synthetic6-f": (6004, 30, (32, 64, 128, 256), 128),
-    "synthetic4-f": (6003, 30, (32, 64, 128, 256), 128),
-    # issue 11, fifth freeze (second session): generated after its final defaults
-    "breast_cancer-g": (7001, 30, (16, 32, 64, 128), 256),
-    "digits-g": (7002, 30, (32, 64, 128, 256), 128),
-    "synthetic6-g": (7004, 30, (32, 64, 128, 256), 128),
-    "synthetic4-g": (7003, 30, (32, 64, 128, 256), 128),
-    # issue 11, last freeze (second session): generated after overfit_patience went to 3
-    "breast_cancer-h": (8001, 30, (16, 32, 64, 128), 256),
-    "digits-h": (8002, 30, (32, 64, 128, 256), 128),
-    "synthetic6-h": (8004, 30, (32, 64, 128, 256), 128),
-    "synthetic4-h": (8003, 30, (32, 64, 128, 256), 128),
-    "breast_cancer-i": (9001, 30, (16, 32, 64, 128), 256),
-    "digits-i": (9002, 30, (32, 64, 128, 256), 128),
-    "synthetic6-i": (9004, 30, (32, 64, 128, 256), 128),
-    "synthetic4-i": (9003, 30, (32, 64, 128, 256), 128),
-    "breast_cancer-j": (10001, 30, (16, 32, 64, 128), 256),
-    "digits-j": (10002, 30, (32, 64, 128, 256), 128),
-    "synthetic6-j": (10004, 30, (32, 64, 128, 256), 128),
-    "synthetic4-j": (10003, 30, (32, 64, 128, 256), 128),
-    "breast_cancer-k": (11001, 30, (16, 32, 64, 128), 256),
-    "digits-k": (11002, 30, (32, 64, 128, 256), 128),
-    "synthetic6-k": (11004, 30, (32, 64, 128, 256), 128),
-    "synthetic4-k": (11003, 30, (32, 64, 128, 256), 128),
+    name: (1000 + offset, 150 if name == "synthetic4" else 210, sizes, widest)
+    for name, (offset, sizes, widest) in DATASETS.items()
+}
+TASKS |= {
+    f"{name}-{suffix}": (part * 1000 + offset, count, sizes, widest)
+    for suffix, (part, count) in FRESH.items()
+    for name, (offset, sizes, widest) in DATASETS.items()
 }
 #: tasks whose curves all go to one part (the others: one in three to part 1)
-FIXED_PART = {"synthetic4": 1, "breast_cancer-b": 2, "digits-b": 2, "synthetic6-b": 2}
-FIXED_PART["synthetic4-b"] = 2
-FIXED_PART.update({f"{name}-c": 3 for name in ("breast_cancer", "digits", "synthetic6")})
-FIXED_PART["synthetic4-c"] = 3
-FIXED_PART.update({f"{name}-d": 4 for name in ("breast_cancer", "digits", "synthetic6")})
-FIXED_PART["synthetic4-d"] = 4
-FIXED_PART.update({f"{name}-e": 5 for name in ("breast_cancer", "digits", "synthetic6")})
-FIXED_PART["synthetic4-e"] = 5
-FIXED_PART.update({f"{name}-f": 6 for name in ("breast_cancer", "digits", "synthetic6")})
-FIXED_PART["synthetic4-f"] = 6
-FIXED_PART.update({f"{name}-g": 7 for name in ("breast_cancer", "digits", "synthetic6")})
-FIXED_PART["synthetic4-g"] = 7
-FIXED_PART.update({f"{name}-h": 8 for name in ("breast_cancer", "digits", "synthetic6")})
-FIXED_PART["synthetic4-h"] = 8
-FIXED_PART.update({f"{name}-i": 9 for name in ("breast_cancer", "digits", "synthetic6")})
-FIXED_PART["synthetic4-i"] = 9
-FIXED_PART.update({f"{name}-j": 10 for name in ("breast_cancer", "digits", "synthetic6")})
-FIXED_PART["synthetic4-j"] = 10
-FIXED_PART.update({f"{name}-k": 11 for name in ("breast_cancer", "digits", "synthetic6")})
-FIXED_PART["synthetic4-k"] = 11
+FIXED_PART = {"synthetic4": 1}
+FIXED_PART |= {f"{name}-{s}": part for s, (part, _) in FRESH.items() for name in DATASETS}
 CLASSES = {"breast_cancer": 2, "digits": 10, "synthetic6": 6, "synthetic4": 4}
 
 

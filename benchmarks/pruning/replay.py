@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import optuna
 from engine import Run, Stop, TopKAfterOneEpoch, replay
+from make_curves import FRESH
 from optuna.study import StudyDirection
 from rich import box
 from rich.console import Console
@@ -52,20 +53,8 @@ TRAINED = 40
 EPOCHS = TRAINED
 TOP = 5
 #: the `split` values of the curve files: see make_curves.py
-PARTS = {
-    "tuning": 0,
-    "held-out": 1,
-    "fresh held-out": 2,
-    "fresh-2": 3,
-    "fresh-3": 4,
-    "fresh-4": 5,
-    "fresh-5": 6,
-    "fresh-6": 7,
-    "fresh-7": 8,
-    "fresh-8": 9,
-    "fresh-9": 10,
-    "fresh-10": 11,
-}
+PARTS = {"tuning": 0, "held-out": 1, "fresh held-out": 2}
+PARTS |= {f"fresh-{part - 1}": part for part, _ in list(FRESH.values())[1:]}  # *-c, *-d, ...
 MODES = {"full": ("train_loss", "grad_norm", "lr"), "metric-only": ()}
 
 
