@@ -253,8 +253,10 @@ def main() -> None:
         "--epochs", type=int, default=TRAINED, help="replay the first N epochs of each curve"
     )
     args = parser.parse_args()
+    if not 1 <= args.epochs <= TRAINED:
+        parser.error(f"--epochs must be in [1, {TRAINED}], but got {args.epochs}")
     global EPOCHS
-    EPOCHS = min(args.epochs, TRAINED)
+    EPOCHS = args.epochs
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     parts = PARTS if args.part == "all" else {args.part: PARTS[args.part]}
