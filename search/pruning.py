@@ -17,16 +17,19 @@ explosion    the metric (and `train_loss`) stays far above where it started     
 stall        after warm-up the metric has barely moved from where it started     prune
 overfitting  no new best for a while, the metric rising while `train_loss` is    end
              not
-comparative  behind its peers now, and not improving fast enough to catch up     prune
+comparative  behind its peers now, and not improving fast enough to catch up     end if
+                                                                                 past best
 ===========  ==================================================================  =========
 
 "got good?": a trial stopped by a rule marked `end` whose best so far is good (see
 `DivergencePruner`) is ended at its best (`Verdict.end`: the worker records it COMPLETE with
-its best value and best epoch); otherwise it is PRUNED, and for non-finite, divergence and
-explosion infeasible. Every stop stores `prune_rule`, `prune_reason` (a sentence with the
-numbers) and `infeasible` in the trial's user attributes (`search.record` keys); an
-infeasible prune also sets the Optuna 5 constraint `constraints:diverged = 1.0`. TPE learns
-to avoid a diverging region because the trial is reported (pruned, not failed).
+its best value and best epoch); so is a good trial stopped by the comparison whose best is
+`overfit_patience` epochs old (one still improving is PRUNED: its value is unfinished);
+otherwise it is PRUNED, and for non-finite, divergence and explosion infeasible. Every stop
+stores `prune_rule`, `prune_reason` (a sentence with the numbers) and `infeasible` in the
+trial's user attributes (`search.record` keys); an infeasible prune also sets the Optuna 5
+constraint `constraints:diverged = 1.0`. TPE learns to avoid a diverging region because the
+trial is reported (pruned, not failed).
 """
 
 from __future__ import annotations
@@ -77,8 +80,10 @@ class DivergencePruner(BasePruner):
     `judge(curve, peers)` is the decision, pure (no I/O, no study): the first own-curve rule
     of `rules` that fires, else `TrendPruner.judge` when `comparative` is one. A verdict of
     `non-finite`, `divergence`, `explosion` or `overfitting` on a trial whose best so far is
-    good — at least as good as the `good_percentile` of the complete peers' bests, or, with
-    fewer than `n_startup_trials` peers (or none), any real fall from its first value — has
+    good — at least as good as the `good_percentile` of the finished peers' bests (pruned
+    ones included: the complete ones alone are the pruning's survivors), or, with fewer than
+    `n_startup_trials` complete peers (or none), any real fall from its first value — or a
+    comparative verdict on a good trial whose best is `overfit_patience` epochs old, has
     `end=True`: the worker records the trial COMPLETE with its best value and best epoch
     ("end, don't lose"), feasible. Any other verdict prunes. `prune(study, trial)` (Optuna's
     contract) builds the curve from the frozen trial and the peers from the study, records
@@ -141,7 +146,7 @@ class DivergencePruner(BasePruner):
         overfit_margin: fraction of its fall an overfitting run gives back, every epoch of
             `overfit_patience` epochs without a new best.
         overfit_patience: epochs without a new best before an overfitting run ends.
-        good_percentile: a best at least this good among the complete peers' bests is
+        good_percentile: a best at least this good among the finished peers' bests is
             "good": the trial is ended at its best instead of pruned.
         mark_infeasible: set the `diverged` constraint on infeasible prunes.
     """
@@ -249,19 +254,31 @@ class DivergencePruner(BasePruner):
             if verdict is not None:
                 return self._settle(verdict, curve, peers)
         if isinstance(self.comparative, TrendPruner):
-            return self.comparative.judge(curve, peers)
+            verdict = self.comparative.judge(curve, peers)
+            if verdict is not None and not verdict.end and self.past_best(curve):
+                return self._settle(verdict, curve, peers)
+            return verdict
         return None
 
     def got_good(self, curve: Curve, peers: Peers | None) -> bool:
         """Whether the trial's best so far is good enough to keep: among the best
-        `good_percentile` of the complete peers, or (too few peers) below its first value."""
+        `good_percentile` of the finished peers' bests (pruned ones included, so the bar does
+        not rise as the weak are pruned), or (too few complete peers) below its first value."""
         _, values = curve.finite()
         if not values:
             return False
         best = min(values)
         if peers is None or peers.complete < max(1, self.n_startup_trials):
             return best < values[0]
-        return best <= peers.final(self.good_percentile)
+        return best <= peers.rank(self.good_percentile)
+
+    def past_best(self, curve: Curve) -> bool:
+        """Whether the trial's best is `overfit_patience` or more epochs old: it has stopped
+        improving, so its best is its result (a trial still improving is not done)."""
+        steps, values = curve.finite()
+        if not values:
+            return False
+        return steps[-1] - steps[values.index(min(values))] >= self.overfit_patience
 
     def _settle(self, verdict: Verdict, curve: Curve, peers: Peers | None) -> Verdict:
         if verdict.rule == "stall" or not self.got_good(curve, peers):

@@ -39,6 +39,8 @@ class Peers:
         horizon: the last step any complete trial reached.
         by_step: step -> sorted running bests of the trials that reached it.
         finals: sorted best values of the complete trials.
+        bests: sorted best values of every finished trial (a pruned one: its best before it
+            was stopped).
         floor: the lowest flipped value seen (< 0: the metric is not a positive loss).
     """
 
@@ -47,6 +49,7 @@ class Peers:
         self.seen: set[int] = set()
         self.by_step: dict[int, list[float]] = {}
         self.finals: list[float] = []
+        self.bests: list[float] = []
         self.finished = 0
         self.complete = 0
         self.horizon = 0
@@ -69,6 +72,8 @@ class Peers:
                 if math.isfinite(best):
                     self.by_step.setdefault(step, []).append(best)
                     touched.add(step)
+            if math.isfinite(best):
+                bisect.insort(self.bests, best)
             if trial.state == TrialState.COMPLETE:
                 self.complete += 1
                 self.horizon = max(self.horizon, trial.last_step or 0)
@@ -87,6 +92,11 @@ class Peers:
     def final(self, percentile: float) -> float:
         """The `percentile` of the complete trials' best values (+inf with none)."""
         return _percentile(self.finals, percentile) if self.finals else math.inf
+
+    def rank(self, percentile: float) -> float:
+        """The `percentile` of every finished trial's best value, pruned ones included
+        (+inf with none): unlike `final`, it does not rise as the weak are pruned."""
+        return _percentile(self.bests, percentile) if self.bests else math.inf
 
     def spread(self) -> float | None:
         """The study's scale: how far a typical trial travels, the median of the first
@@ -114,10 +124,11 @@ class TrendPruner(BasePruner):
     as weak trials are pruned. A slow starter that falls fast projects far and is kept.
 
     Schedule-aware (`Curve.warmup`: the `warmup_epochs` param or the epochs the reported
-    `lr` first rose; `Curve.segment_start`): no comparison during the warm-up, nor at an
-    epoch the `lr` rises (a restart), nor, before step `warmup_steps` + warm-up, while the
-    trial is above its best (climbing out of a warm-up spike); the trend line is fitted only
-    to the current stretch of the schedule, from its highest value when 3 or more follow. A
+    `lr` first rose; `Curve.segment_start`): no comparison during the warm-up, nor until 3
+    values follow it or the last epoch the `lr` rose (a restart: one or two values give no
+    trend), nor, before step `warmup_steps` + warm-up, while the trial is above its best
+    (climbing out of a warm-up spike); the trend line is fitted only to the current stretch
+    of the schedule, from its highest value when 3 or more follow. A
     trial with a linear warm-up of w epochs is compared with its peers at step `step - w // 2`
     (its warm-up trained at half the learning rate on average).
 
@@ -228,8 +239,8 @@ class TrendPruner(BasePruner):
         if step < wait + warmup and values[-1] > min(values):
             return None  # rising again after its learning-rate warm-up: not yet judged
         start = curve.segment_start()
-        if start > 0 and start == len(curve.steps) - 1:
-            return None  # in its warm-up, or the lr rose at this epoch (warm-up end, restart)
+        if start > 0 and len(curve.finite_from(start)[1]) < 3:
+            return None  # in its warm-up, or too soon after the lr rose for a trend
         age = max(1, step - warmup // 2)  # a linear warm-up trains at half the lr
         now = peers.by_step.get(age, [])
         if not now:

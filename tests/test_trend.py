@@ -124,10 +124,13 @@ def test_a_slow_starter_that_falls_fast_is_kept() -> None:
     assert first_verdict(TrendPruner(), SLOW, peers_of(falling(30)))[0] is None
 
 
-def test_the_comparison_waits_out_the_trials_warm_up() -> None:
+def test_the_comparison_waits_out_the_trials_warm_up_and_three_epochs_after_it() -> None:
+    """A trend needs 3 values of the current stretch of the schedule: judged at epochs 7-8
+    (1-2 values after a 6-epoch warm-up) a trial would get no credit for its trend at all."""
     peers = peers_of(falling(30))
     flat = [*FLAT, 1.8, 1.8]
-    assert first_verdict(TrendPruner(), flat, peers, params={"warmup_epochs": 6})[0] == 8
+    assert first_verdict(TrendPruner(), flat, peers, params={"warmup_epochs": 6})[0] == 9
+    assert first_verdict(TrendPruner(), flat, peers)[0] == 5
 
 
 #: issue 11: a dip, a rise while the learning rate warms up (4 epochs), then the fall
