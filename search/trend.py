@@ -124,16 +124,16 @@ class TrendPruner(BasePruner):
     as weak trials are pruned. A slow starter that falls fast projects far and is kept.
 
     Schedule-aware (`Curve.warmup`: the `warmup_epochs` param or the epochs the reported
-    `lr` first rose; `Curve.segment_start`): no comparison during the warm-up, nor until 3
-    values follow it or the last epoch the `lr` rose (a restart: one or two values give no
-    trend), nor, before step `warmup_steps` + warm-up, while the trial is above its best
-    (climbing out of a warm-up spike); the trend line is fitted only to the current stretch
-    of the schedule, from its highest value when 3 or more follow. A
+    `lr` first rose; `Curve.segment_start`): no comparison during the warm-up, nor at an
+    epoch the `lr` rises (a restart), nor, before step `warmup_steps` + warm-up, while the
+    trial is above its best (climbing out of a warm-up spike); the trend line is fitted only
+    to the current stretch of the schedule, from its highest value when 3 or more follow. A
     trial with a linear warm-up of w epochs is compared with its peers at step `step - w // 2`
     (its warm-up trained at half the learning rate on average).
 
-    No comparison at the last step of the complete trials or later: a trial stopped there
-    saves no epoch and loses its result.
+    No comparison from four fifths of the complete trials' length on (`peers.horizon`; step
+    32 of 40, 12 of 15), the mirror of the warm-up: a trial stopped there saves at most a fifth
+    of its epochs and loses its result.
 
     NaN/inf: non-finite values are skipped everywhere (`DivergencePruner`'s `non-finite` rule
     handles them); a trial with no finite value is never pruned here.
@@ -234,13 +234,13 @@ class TrendPruner(BasePruner):
         if peers is None or not values or peers.complete < max(1, self.n_startup_trials):
             return None
         step, warmup, wait = curve.steps[-1], curve.warmup, self.warmup_steps(peers)
-        if step < wait or 0 < peers.horizon <= step:
-            return None  # warming up, or at the peers' last step: stopping saves nothing
+        if step < wait or 0 < peers.horizon - peers.horizon // 5 <= step:
+            return None  # warming up, or in the peers' last fifth: stopping saves little
         if step < wait + warmup and values[-1] > min(values):
             return None  # rising again after its learning-rate warm-up: not yet judged
         start = curve.segment_start()
-        if start > 0 and len(curve.finite_from(start)[1]) < 3:
-            return None  # in its warm-up, or too soon after the lr rose for a trend
+        if start > 0 and start == len(curve.steps) - 1:
+            return None  # in its warm-up, or the lr rose at this epoch (warm-up end, restart)
         age = max(1, step - warmup // 2)  # a linear warm-up trains at half the lr
         now = peers.by_step.get(age, [])
         if not now:
