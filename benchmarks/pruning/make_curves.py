@@ -20,7 +20,9 @@ generated after the third freeze and looked at before `overfit_patience` went ba
 third session after the comparison's budget-relative warm-up was frozen (looked at before
 the last-step and overfitting changes); 10 (`*-j`) a ninth, generated after those
 (looked at, metric-only, before the study-relative fall of a loss); 11 (`*-k`) a tenth,
-generated after that.
+generated after that; 12 (`*-l`) an eleventh, generated in the fourth session after its
+first freeze (looked at before the last-fifth change); 13 (`*-m`) a twelfth, generated after
+that.
 
 Why not wine: its validation split has 36 samples, and 50 of 210 wine runs (exploded ones
 among them) reach val_loss < 0.001, so "the 5 best curves" is a tie among dozens.
@@ -59,7 +61,7 @@ DATASETS: dict[str, tuple[int, tuple[int, ...], int]] = {
 }
 #: the fresh held-out sets (the docstring says when each was made): suffix -> (part, curves
 #: per dataset); a set's sampling seed is part x 1000 + the dataset's offset
-FRESH = {"b": (2, 70), "c": (3, 50), **{s: (part, 30) for part, s in enumerate("defghijk", 4)}}
+FRESH = {"b": (2, 70), "c": (3, 50), **{s: (part, 30) for part, s in enumerate("defghijklm", 4)}}
 #: task (dataset[-suffix]) -> (sampling seed, curves, batch sizes, widest layer)
 TASKS: dict[str, tuple[int, int, tuple[int, ...], int]] = {
     name: (1000 + offset, 150 if name == "synthetic4" else 210, sizes, widest)
