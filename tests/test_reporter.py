@@ -128,3 +128,33 @@ def test_a_wrapped_optuna_pruner_is_asked_in_the_workers_path(sqlite_url: str) -
         for step in range(1, 7):
             report(step, {"val_loss": 5.0})
     assert trial.user_attrs["prune_rule"] == "comparative"
+
+
+def test_a_good_trial_stopped_by_the_comparison_after_its_best_ends_at_it(sqlite_url: str) -> None:
+    """The worker's path on a real database: behind the 5 complete survivors but better than
+    the 10 trials pruned early, a plateaued trial is ended at its best (COMPLETE), not lost."""
+    from search.epochs import ensure_table
+    from search.pruning import default_pruner
+
+    study = optuna.create_study(storage=open_storage(sqlite_url), pruner=default_pruner())
+    ensure_table(study._storage)
+    for i in range(5):
+        end = 0.3 + 0.02 * i
+        values = {e + 1: 2.0 * (end / 2.0) ** (e / 24) for e in range(25)}
+        study.add_trial(optuna.trial.create_trial(value=end, intermediate_values=values))
+    for i in range(10):
+        values = {e + 1: 2.0 - 0.05 * e - 0.01 * i for e in range(5)}
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=optuna.trial.TrialState.PRUNED, intermediate_values=values
+            )
+        )
+    trial = study.ask()
+    report = Reporter(trial, spec_from_dict(SPEC), peers=PeerFeed(study))
+    plateau = [2.0, 1.6, 1.3, 1.2, 1.15, 1.15, 1.16, 1.15, 1.16, 1.17]
+    with pytest.raises(EarlyStopped, match="ended at its best 1.15 .epoch 5.") as stopped:
+        for step, value in enumerate(plateau, start=1):
+            report(step, {"val_loss": value})
+    assert stopped.value.rule == "comparative" and step == 9
+    assert (report.best, report.best_epoch) == (1.15, 5)
+    assert trial.user_attrs["prune_rule"] == "comparative"
