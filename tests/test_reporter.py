@@ -152,7 +152,7 @@ def test_a_good_trial_stopped_by_the_comparison_after_its_best_ends_at_it(sqlite
     trial = study.ask()
     report = Reporter(trial, spec_from_dict(SPEC), peers=PeerFeed(study))
     plateau = [2.0, 1.6, 1.3, 1.2, 1.15, 1.15, 1.16, 1.15, 1.16, 1.17]
-    with pytest.raises(EarlyStopped, match="ended at its best 1.15 .epoch 5.") as stopped:
+    with pytest.raises(EarlyStopped, match=r"ended at its best 1\.15 \(epoch 5\)") as stopped:
         for step, value in enumerate(plateau, start=1):
             report(step, {"val_loss": value})
     assert stopped.value.rule == "comparative" and step == 9
