@@ -43,12 +43,26 @@ def epochs_run(trial: FrozenTrial) -> int:
     return max(steps, default=0)
 
 
-def compute_summary(study: optuna.Study) -> dict[str, Any]:
-    """Where the compute went: seconds per state, what pruning saved per rule, what failures
-    and retries cost.
+def stopped_by(trial: FrozenTrial) -> str | None:
+    """What stopped a trial before its last epoch: the prune rule of a PRUNED trial, the rule
+    (or early stopping) of one ended at its best, tagged so; None for any other trial."""
+    if trial.state == TrialState.PRUNED:
+        return str(trial.user_attrs.get(record.PRUNE_RULE, "pruner"))
+    if trial.state == TrialState.COMPLETE and record.outcome_of(trial) == record.Outcome.ENDED:
+        rule = trial.user_attrs.get(record.PRUNE_RULE)
+        if rule is None and record.EARLY_STOPPED in trial.user_attrs:
+            rule = "early stopping"
+        return f"{rule or 'pruner'} (ended at its best)"
+    return None
 
-    Savings are measured against running every pruned trial to the study's last epoch at its
-    own mean epoch time.
+
+def compute_summary(study: optuna.Study) -> dict[str, Any]:
+    """Where the compute went: seconds per state, what stopping early saved per rule, what
+    failures and retries cost.
+
+    Savings are measured against running every trial stopped early to the study's last epoch
+    at its own mean epoch time: the PRUNED ones (by `prune_rule`) and the COMPLETE ones ended
+    at their best (`stopped_by`: their rule, or early stopping, "(ended at its best)").
     """
     trials = study.get_trials(deepcopy=False)
     max_epochs = int((study.user_attrs.get(record.SPEC) or {}).get("epochs") or 0)
@@ -61,8 +75,8 @@ def compute_summary(study: optuna.Study) -> dict[str, Any]:
         seconds, run = trial_seconds(trial), epochs_run(trial)
         per_state[trial.state.name]["trials"] += 1
         per_state[trial.state.name]["seconds"] += seconds
-        if trial.state == TrialState.PRUNED:
-            rule = str(trial.user_attrs.get(record.PRUNE_RULE, "pruner"))
+        rule = stopped_by(trial)
+        if rule is not None:
             left = max(0, max_epochs - run)
             row = saved[rule]
             row["trials"] += 1
@@ -237,8 +251,8 @@ def _compute_html(summary: dict[str, Any]) -> str:
         f"retried trials: {summary['retries']}; time lost to failures: "
         f"{summary['seconds_lost_to_failures']:.1f} s.</p>"
         + _table(["state", "trials", "seconds"], states)
-        + f"<h3>Saved by pruning (vs. running each pruned trial to epoch "
-        f"{summary['max_epochs']})</h3>"
+        + f"<h3>Saved by pruning and early stopping (vs. running each pruned or ended trial "
+        f"to epoch {summary['max_epochs']})</h3>"
         + _table(["rule", "trials", "epochs run", "epochs saved", "seconds saved"], saved)
         + "<h3>Lost to failures and retries</h3>"
         + _table(["outcome", "trials", "seconds"], failures)

@@ -21,7 +21,7 @@ from study_factory import make_finished_study
 from system_tools import require
 
 from search import record
-from search.report import compute_summary, epochs_run
+from search.report import compute_summary, epochs_run, stopped_by
 
 pytestmark = pytest.mark.slow
 ARTIFACTS_ENV = "SEARCH_TEST_ARTIFACTS"
@@ -134,8 +134,11 @@ def test_compute_summary_counts_what_pruning_saved_per_rule(study_db) -> None:
     summary = compute_summary(study)
     pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
     assert pruned
+    stopped = [t for t in study.trials if stopped_by(t) is not None]
+    assert {t.number for t in stopped} >= {t.number for t in pruned}
+    assert sum(s["trials"] for s in summary["pruning_saved"].values()) == len(stopped)
     for rule, saved in summary["pruning_saved"].items():
-        mine = [t for t in pruned if t.user_attrs[record.PRUNE_RULE] == rule]
+        mine = [t for t in stopped if stopped_by(t) == rule]
         assert saved["trials"] == len(mine)
         assert saved["epochs_saved"] == sum(6 - epochs_run(t) for t in mine)
         assert saved["seconds_saved"] >= 0.0
@@ -143,3 +146,23 @@ def test_compute_summary_counts_what_pruning_saved_per_rule(study_db) -> None:
     assert summary["failures"]["heartbeat-stale"]["trials"] == 1
     complete = summary["per_state"]["COMPLETE"]
     assert complete["trials"] == 7 and complete["seconds"] > 0.0
+
+
+def test_trials_ended_at_their_best_count_as_saved_by_their_rule(sqlite_url: str) -> None:
+    """A trial ended at its best (COMPLETE, outcome `ended`) stopped early as a pruned one did:
+    the end-don't-lose rules and early stopping save epochs too, listed as such."""
+    study = optuna.create_study(storage=sqlite_url)
+    study.set_user_attr(record.SPEC, {"epochs": 20})
+    curve = {e: 1.0 / e for e in range(1, 9)}  # 8 of 20 epochs
+    ended = {record.OUTCOME: "ended", record.PRUNE_RULE: "comparative"}
+    patience = {record.OUTCOME: "ended", record.EARLY_STOPPED: "no improvement for 3 epochs"}
+    for attrs, state in ((ended, "COMPLETE"), (patience, "COMPLETE"), ({}, "COMPLETE"),
+                         ({record.PRUNE_RULE: "stall"}, "PRUNED")):
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState[state], value=0.125 if state == "COMPLETE" else None,
+            intermediate_values=curve, user_attrs=attrs))
+    saved = compute_summary(study)["pruning_saved"]
+    assert sorted(saved) == ["comparative (ended at its best)",
+                             "early stopping (ended at its best)", "stall"]
+    assert all((s["trials"], s["epochs_run"], s["epochs_saved"]) == (1, 8, 12)
+               for s in saved.values())
