@@ -3,9 +3,11 @@
 Each setting (`median`, `default:divergence_margin=0.5`, ... built by `make_pruner`) gets a
 fresh in-memory study. The recorded trials are replayed in the order they were run, epoch by
 epoch (the intermediate values and the `epoch_metrics` rows), through the Optuna contract
-`trial.report` / `trial.should_prune()`; a trial the setting prunes stops there. The audit
-tells, per setting: which trials it prunes and at which epoch, whether the study's best trial
-survives, and the epochs and GPU-time (recorded `epoch_seconds`) it spends.
+`trial.report` / `trial.should_prune()` (`decide` for this package's pruners, which also tell
+an end from a prune); a trial the setting prunes stops there, one it ends at its best ("end,
+don't lose") stops there and completes with its best value so far. The audit tells, per
+setting: which trials it prunes and which it ends, at which epoch, whether the study's best
+trial survives, and the epochs and GPU-time (recorded `epoch_seconds`) it spends.
 
 What was not recorded cannot be replayed: a trial that was pruned in the real study but that a
 setting would let run is replayed up to its last recorded epoch and counted as `unobserved`
@@ -24,7 +26,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Group, RenderableType
 
-from search import record
+from search import optuna_compat, pruning, record
 from search.exceptions import SearchError
 from search.pruning import make_pruner
 from search.report import trial_seconds
@@ -42,6 +44,7 @@ class SettingResult:
 
     setting: str
     pruned: dict[int, dict[str, Any]] = field(default_factory=dict)  # number -> epoch, rule
+    ended: dict[int, dict[str, Any]] = field(default_factory=dict)  # ended at its best
     epochs: int = 0
     seconds: float = 0.0
     unobserved: list[int] = field(default_factory=list)
@@ -50,6 +53,7 @@ class SettingResult:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["pruned"] = {str(k): v for k, v in self.pruned.items()}
+        data["ended"] = {str(k): v for k, v in self.ended.items()}
         return data
 
 
@@ -98,6 +102,12 @@ def actual(study: optuna.Study) -> SettingResult:
                 "epoch": steps[-1],
                 "rule": trial.user_attrs.get(record.PRUNE_RULE, "pruner"),
             }
+        elif record.outcome_of(trial) == record.Outcome.ENDED:
+            early = "early stopping" if record.EARLY_STOPPED in trial.user_attrs else "pruner"
+            result.ended[trial.number] = {
+                "epoch": steps[-1],
+                "rule": trial.user_attrs.get(record.PRUNE_RULE, early),
+            }
     result.best_survives = None if best is None else best not in result.pruned
     return result
 
@@ -110,13 +120,15 @@ def replay(study: optuna.Study, setting: str) -> SettingResult:
     )
     result = SettingResult(setting)
     best = _best_number(study)
+    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
     for trial in replayable(study):
         rows = {int(r["epoch"]): r for r in record.epoch_rows(trial)}
         per_epoch = trial_seconds(trial) / max(1, len(trial.intermediate_values))
         memory.enqueue_trial(trial.params, skip_if_exists=False)
         live = memory.ask()
         history: list[dict[str, Any]] = []
-        stopped = None
+        stopped: int | None = None
+        end, lowest = False, math.inf
         for step in sorted(trial.intermediate_values):
             value = trial.intermediate_values[step]
             row = rows.get(step, {"epoch": step})
@@ -125,14 +137,19 @@ def replay(study: optuna.Study, setting: str) -> SettingResult:
             live.report(value, step)
             result.epochs += 1
             result.seconds += float(row.get("epoch_seconds", per_epoch))
-            if live.should_prune():
+            if math.isfinite(value):
+                lowest = min(lowest, sign * value)
+            stops, end = _stop(memory, live, pruner)
+            if stops:
                 stopped = step
                 break
         if stopped is not None:
-            result.pruned[trial.number] = {
-                "epoch": stopped,
-                "rule": live.user_attrs.get(record.PRUNE_RULE, type(pruner).__name__),
-            }
+            rule = live.user_attrs.get(record.PRUNE_RULE, type(pruner).__name__)
+            if end and math.isfinite(lowest):
+                result.ended[trial.number] = {"epoch": stopped, "rule": rule}
+                memory.tell(live, sign * lowest)
+                continue
+            result.pruned[trial.number] = {"epoch": stopped, "rule": rule}
             memory.tell(live, state=TrialState.PRUNED)
             continue
         if trial.state == TrialState.PRUNED:
@@ -142,6 +159,24 @@ def replay(study: optuna.Study, setting: str) -> SettingResult:
             memory.tell(live, _finite(trial.value))
     result.best_survives = None if best is None else best not in result.pruned
     return result
+
+
+def _stop(
+    memory: optuna.Study, live: optuna.Trial, pruner: optuna.pruners.BasePruner
+) -> tuple[bool, bool]:
+    """Ask the pruner as the worker does: (whether it stops the trial, whether that is an
+    end). This package's pruners answer with a `Verdict` (`decide`, then recorded as `prune`
+    records it); any other pruner through `should_prune`."""
+    decide = getattr(pruner, "decide", None)
+    if decide is None:
+        return live.should_prune(), False
+    frozen = optuna_compat.latest_trial(live)
+    verdict = decide(memory, frozen)
+    if verdict is None:
+        return False, False
+    for key, value in pruning.record(memory, frozen, verdict).items():
+        live.set_user_attr(key, value)
+    return True, verdict.end
 
 
 def audit(study: optuna.Study, settings: list[str]) -> list[SettingResult]:
@@ -168,12 +203,21 @@ def _finite(value: float | None) -> float:
     return float(value) if value is not None and math.isfinite(value) else float("nan")
 
 
+def _stop_cell(result: SettingResult, number: int) -> str:
+    if number in result.pruned:
+        return f"{result.pruned[number]['epoch']} ({result.pruned[number]['rule']})"
+    if number in result.ended:
+        return f"{result.ended[number]['epoch']} ({result.ended[number]['rule']}, ended)"
+    return "—"
+
+
 def render_audit(name: str, results: list[SettingResult]) -> RenderableType:
     """The settings side by side, then which trial each prunes at which epoch."""
     from rich.table import Table
 
     table = Table(title=f"Pruner audit of {name}")
-    for header in ("setting", "pruned", "epochs", "GPU s", "best survives", "unobserved"):
+    columns = ("setting", "pruned", "ended", "epochs", "GPU s", "best survives", "unobserved")
+    for header in columns:
         table.add_column(
             header, overflow="fold", justify="left" if header == "setting" else "right"
         )
@@ -182,25 +226,23 @@ def render_audit(name: str, results: list[SettingResult]) -> RenderableType:
         table.add_row(
             r.setting,
             str(len(r.pruned)),
+            str(len(r.ended)),
             str(r.epochs),
             f"{r.seconds:.1f}",
             survives,
             str(len(r.unobserved)),
         )
     parts: list[RenderableType] = [table]
-    numbers = sorted({n for r in results for n in r.pruned})
+    numbers = sorted({n for r in results for n in (*r.pruned, *r.ended)})
     if numbers:
-        detail = Table(title="Pruned at epoch (rule)")
+        detail = Table(title="Pruned (or ended at its best) at epoch (rule)")
         detail.add_column("trial", justify="right")
         for r in results:
             detail.add_column(r.setting, overflow="fold")
         for n in numbers:
             detail.add_row(
                 str(n),
-                *(
-                    f"{r.pruned[n]['epoch']} ({r.pruned[n]['rule']})" if n in r.pruned else "—"
-                    for r in results
-                ),
+                *(_stop_cell(r, n) for r in results),
             )
         parts.append(detail)
     return Group(*parts)

@@ -66,3 +66,32 @@ def test_audit_command_json_and_bad_setting(audited) -> None:
     assert bad.exit_code == 2
     assert len(bad.output.strip().splitlines()) == 1
     assert bad.output.startswith("Error: --pruner 'nope': unknown pruner 'nope'")
+
+
+def test_a_trial_the_setting_ends_at_its_best_is_not_counted_pruned(sqlite_url: str) -> None:
+    """The study's best overfits after epoch 6 (val rises while train_loss falls): the
+    default setting ends it there at its best, so the best survives; before, the replay
+    counted every stop as a prune."""
+    from optuna.trial import create_trial
+
+    from search import record
+
+    study = optuna.create_study(storage=sqlite_url)
+
+    def add(val: list[float], train: list[float], **attrs: object) -> None:
+        rows = [{"epoch": e + 1, "val_loss": v, "train_loss": t}
+                for e, (v, t) in enumerate(zip(val, train, strict=True))]
+        curve = {r["epoch"]: r["val_loss"] for r in rows}
+        attrs = {record.EPOCH_METRICS: rows, **attrs}
+        study.add_trial(create_trial(value=min(val), user_attrs=attrs, intermediate_values=curve))
+
+    for i in range(6):
+        falling = [2.0 * (0.5 + 0.05 * i) ** (e / 11) for e in range(12)]
+        add(falling, falling)
+    overfit = [2.0, 1.2, 0.8, 0.5, 0.3, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5]
+    add(overfit, [2.0, 1.2, 0.8, 0.5, 0.3, 0.2, 0.15, 0.1, 0.08, 0.06, 0.05, 0.04],
+        **{record.OUTCOME: "ended", record.PRUNE_RULE: "overfitting"})
+    happened, default = audit(study, ["default"])
+    assert happened.ended == {6: {"epoch": 12, "rule": "overfitting"}}
+    assert default.ended[6]["rule"] == "overfitting" and 6 not in default.pruned
+    assert default.ended[6]["epoch"] < 12 and default.best_survives is True
