@@ -275,19 +275,15 @@ class DivergencePruner(BasePruner):
     def past_best(self, curve: Curve) -> bool:
         """Whether the trial's best is `overfit_patience` or more epochs old: it has stopped
         improving, so its best is its result (a trial still improving is not done)."""
-        steps, values = curve.finite()
-        if not values:
-            return False
-        return steps[-1] - steps[values.index(min(values))] >= self.overfit_patience
+        steps, best_epoch = curve.finite()[0], curve.best_epoch
+        return best_epoch is not None and steps[-1] - best_epoch >= self.overfit_patience
 
     def _settle(self, verdict: Verdict, curve: Curve, peers: Peers | None) -> Verdict:
         if verdict.rule == "stall" or not self.got_good(curve, peers):
             return verdict
-        steps, values = curve.finite()
-        best = min(values)
+        best = min(curve.finite()[1])
         reason = (
-            f"{verdict.reason}; ended at its best {curve.shown(best)} "
-            f"(epoch {steps[values.index(best)]})"
+            f"{verdict.reason}; ended at its best {curve.shown(best)} (epoch {curve.best_epoch})"
         )
         return Verdict(verdict.rule, reason, False, end=True)
 
