@@ -103,11 +103,7 @@ def actual(study: optuna.Study) -> SettingResult:
                 "rule": trial.user_attrs.get(record.PRUNE_RULE, "pruner"),
             }
         elif record.outcome_of(trial) == record.Outcome.ENDED:
-            early = "early stopping" if record.EARLY_STOPPED in trial.user_attrs else "pruner"
-            result.ended[trial.number] = {
-                "epoch": steps[-1],
-                "rule": trial.user_attrs.get(record.PRUNE_RULE, early),
-            }
+            result.ended[trial.number] = {"epoch": steps[-1], "rule": record.stop_rule(trial)}
     result.best_survives = None if best is None else best not in result.pruned
     return result
 

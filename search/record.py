@@ -122,6 +122,14 @@ def outcome_of(trial: FrozenTrial) -> Outcome | None:
         return Outcome.OBJECTIVE_ERROR
 
 
+def stop_rule(trial: FrozenTrial) -> str:
+    """What stopped a trial early: its `prune_rule`, else "early stopping" for a trial ended
+    by the spec's patience, else "pruner" (a pruner that stored no rule)."""
+    if PRUNE_RULE in trial.user_attrs:
+        return str(trial.user_attrs[PRUNE_RULE])
+    return "early stopping" if EARLY_STOPPED in trial.user_attrs else "pruner"
+
+
 def epoch_rows(trial: FrozenTrial) -> list[dict[str, Any]]:
     """The trial's per-epoch metrics rows, oldest first; the objective's own intermediate
     values fill epochs that have no row (a crash can lose at most the last epoch's row)."""

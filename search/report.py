@@ -49,10 +49,7 @@ def stopped_by(trial: FrozenTrial) -> str | None:
     if trial.state == TrialState.PRUNED:
         return str(trial.user_attrs.get(record.PRUNE_RULE, "pruner"))
     if trial.state == TrialState.COMPLETE and record.outcome_of(trial) == record.Outcome.ENDED:
-        rule = trial.user_attrs.get(record.PRUNE_RULE)
-        if rule is None and record.EARLY_STOPPED in trial.user_attrs:
-            rule = "early stopping"
-        return f"{rule or 'pruner'} (ended at its best)"
+        return f"{record.stop_rule(trial)} (ended at its best)"
     return None
 
 
