@@ -170,9 +170,14 @@ def to_quality(log: list[dict], target: float) -> dict[str, float]:
     return spent
 
 
+def target_of(finals: list[float]) -> float:
+    """A seed's quality target: the better of the two final accuracies - TOLERANCE."""
+    return max(a for a in finals if math.isfinite(a)) - TOLERANCE
+
+
 def reached(seed: dict[str, Any]) -> tuple[bool, bool]:
-    """Whether each side's final best met the seed's target (the better final - TOLERANCE)."""
-    target = max(a for a in seed["final"] if math.isfinite(a)) - TOLERANCE
+    """Whether each side's final best met the seed's target (`target_of`)."""
+    target = target_of(seed["final"])
     return tuple(math.isfinite(a) and a >= target for a in seed["final"])  # type: ignore[return-value]
 
 
@@ -215,7 +220,10 @@ def main() -> None:
     parser.add_argument("--summarize", type=Path, help="print the table of a --json file")
     args = parser.parse_args()
     if args.summarize:
-        saved = json.loads(args.summarize.read_text())
+        try:
+            saved = json.loads(args.summarize.read_text())
+        except (OSError, ValueError) as e:
+            parser.error(f"--summarize {args.summarize}: not a readable --json file ({e})")
         Console(width=160).print(summary(saved, "saved in " + str(args.summarize)))
         return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -240,7 +248,7 @@ def main() -> None:
                 )
             svc, opt = runs[True], runs[False]
             finals = [best_accuracy(svc)[-1], best_accuracy(opt)[-1]]
-            target = max(a for a in finals if math.isfinite(a)) - TOLERANCE
+            target = target_of(finals)
             rows.append(
                 {
                     "seed": seed,
