@@ -26,7 +26,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Group, RenderableType
 
-from search import optuna_compat, pruning, record
+from search import optuna_compat, record
 from search.exceptions import SearchError
 from search.pruning import make_pruner
 from search.report import trial_seconds
@@ -160,19 +160,15 @@ def replay(study: optuna.Study, setting: str) -> SettingResult:
 def _stop(
     memory: optuna.Study, live: optuna.Trial, pruner: optuna.pruners.BasePruner
 ) -> tuple[bool, bool]:
-    """Ask the pruner as the worker does: (whether it stops the trial, whether that is an
-    end). This package's pruners answer with a `Verdict` (`decide`, then recorded as `prune`
-    records it); any other pruner through `should_prune`."""
-    decide = getattr(pruner, "decide", None)
-    if decide is None:
+    """Ask the pruner as `should_prune` does: (whether it stops the trial, whether that is an
+    end). This package's pruners answer with their `Verdict` (`stop`: what `prune` does, the
+    verdict kept); any other pruner through `should_prune`."""
+    stop = getattr(pruner, "stop", None)
+    if stop is None:
         return live.should_prune(), False
     frozen = optuna_compat.latest_trial(live)
-    verdict = decide(memory, frozen)
-    if verdict is None:
-        return False, False
-    for key, value in pruning.record(memory, frozen, verdict).items():
-        live.set_user_attr(key, value)
-    return True, verdict.end
+    verdict = stop(memory, frozen)  # `record` updates `live`'s cached attrs too
+    return verdict is not None, verdict is not None and verdict.end
 
 
 def audit(study: optuna.Study, settings: list[str]) -> list[SettingResult]:

@@ -219,10 +219,15 @@ class DivergencePruner(BasePruner):
         self._peers_from = trend.earliest_step if trend is not None else 1
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        return self.stop(study, trial) is not None
+
+    def stop(self, study: optuna.Study, trial: FrozenTrial) -> Verdict | None:
+        """`decide`, and a verdict recorded on the trial (`record`): what `prune` does, with
+        the verdict kept, so a caller can tell an end from a prune."""
         verdict = self.decide(study, trial)
         if verdict is not None:
             record(study, trial, verdict, mark_infeasible=self.mark_infeasible)
-        return verdict is not None
+        return verdict
 
     def decide(self, study: optuna.Study, trial: FrozenTrial) -> Verdict | None:
         """`judge` on the frozen trial and the study's peers, else the wrapped Optuna pruner."""

@@ -217,7 +217,11 @@ class TrendPruner(BasePruner):
         return max(SHORTEST_WARMUP, min(WARMUP_STEPS, peers.horizon // 5))
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        return self.decide(study, trial) is not None
+        return self.stop(study, trial) is not None
+
+    def stop(self, study: optuna.Study, trial: FrozenTrial) -> Verdict | None:
+        """What `prune` does, with the verdict kept (`decide`: nothing is recorded)."""
+        return self.decide(study, trial)
 
     def decide(self, study: optuna.Study, trial: FrozenTrial) -> Verdict | None:
         """`judge` on the frozen trial, against the study's finished trials (re-read at most
