@@ -132,6 +132,25 @@ def write_spec(tmp_path: Path):
 TESTS = Path(__file__).resolve().parent
 
 
+def survivors_and_pruned() -> list[FrozenTrial]:
+    """5 complete trials reaching 0.30-0.38 over 25 epochs and 10 pruned at epoch 5 near
+    1.8: the complete ones are the survivors of a pruned study, so their median is no
+    measure of "good"."""
+    trials = []
+    for i in range(5):
+        end = 0.3 + 0.02 * i
+        values = {e + 1: 2.0 * (end / 2.0) ** (e / 24) for e in range(25)}
+        trials.append(optuna.trial.create_trial(value=end, intermediate_values=values))
+    for i in range(10):
+        values = {e + 1: 2.0 - 0.05 * e - 0.01 * i for e in range(5)}
+        trials.append(
+            optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values=values)
+        )
+    for number, trial in enumerate(trials):
+        trial.number = number
+    return trials
+
+
 def cli_env(storage: str | None = None, **extra: str) -> dict[str, str]:
     """Environment for a real `search` subprocess: test objectives importable, storage set."""
     env = {k: v for k, v in os.environ.items() if k != "SEARCH_STORAGE"}

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import optuna
 import pytest
-from conftest import REPO, base_spec
+from conftest import REPO, base_spec, survivors_and_pruned
 from optuna.study import StudyDirection
 from optuna.trial import TrialState, create_trial
 
@@ -142,28 +142,17 @@ def test_a_rebound_after_a_good_best_ends_the_trial_at_its_best() -> None:
     assert verdict.reason.endswith("; ended at its best 0.25 (epoch 4)")
 
 
-def survivors_and_pruned() -> Peers:
-    """5 complete trials reaching 0.30-0.38 and 10 pruned at epoch 5 near 1.8: the complete
-    ones are the survivors of a pruned study, so their median is no measure of "good"."""
-    trials = []
-    for i in range(5):
-        end = 0.3 + 0.02 * i
-        values = {e + 1: 2.0 * (end / 2.0) ** (e / 24) for e in range(25)}
-        trials.append(create_trial(value=end, intermediate_values=values))
-    for i in range(10):
-        values = {e + 1: 2.0 - 0.05 * e - 0.01 * i for e in range(5)}
-        trials.append(create_trial(state=TrialState.PRUNED, intermediate_values=values))
-    for number, trial in enumerate(trials):
-        trial.number = number
+def survivor_peers() -> Peers:
+    """The peers of `conftest.survivors_and_pruned`: 5 survivors, 10 pruned early."""
     peers = Peers(StudyDirection.MINIMIZE)
-    peers.add(trials)
+    peers.add(survivors_and_pruned())
     return peers
 
 
 def test_good_is_ranked_among_every_finished_trial_not_the_survivors() -> None:
     """A rebound from 0.5, better than 10 of the 15 finished trials but behind the 5 complete
     survivors, was pruned as infeasible (TPE learnt "diverged" for it): now it is ended."""
-    peers = survivors_and_pruned()
+    peers = survivor_peers()
     assert peers.final(50) < 0.5 < peers.rank(50)
     late = [2.0, 1.2, 0.5, 1.2, 1.3]
     epoch, verdict = judge_each_epoch(DivergencePruner(None), late, train=late, peers=peers)
@@ -177,7 +166,7 @@ def test_a_comparative_stop_ends_a_good_trial_past_its_best_and_prunes_one_still
 ):
     """Behind its peers either way; a trial whose best is 3+ epochs old has its result, one
     still improving does not (PRUNED: its value is unfinished)."""
-    peers = survivors_and_pruned()
+    peers = survivor_peers()
     plateau = [2.0, 1.6, 1.3, 1.2, 1.15, 1.15, 1.16, 1.15, 1.16, 1.17, 1.16, 1.17]
     epoch, verdict = judge_each_epoch(default_pruner(), plateau, peers=peers)
     assert epoch == 9 and verdict is not None and verdict.rule == "comparative"

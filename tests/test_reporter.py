@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import optuna
 import pytest
-from conftest import base_spec
+from conftest import base_spec, survivors_and_pruned
 
 from search.exceptions import EarlyStopped, ObjectiveError, Preempted, TrialLost
 from search.optuna_compat import trial_id
@@ -138,17 +138,7 @@ def test_a_good_trial_stopped_by_the_comparison_after_its_best_ends_at_it(sqlite
 
     study = optuna.create_study(storage=open_storage(sqlite_url), pruner=default_pruner())
     ensure_table(study._storage)
-    for i in range(5):
-        end = 0.3 + 0.02 * i
-        values = {e + 1: 2.0 * (end / 2.0) ** (e / 24) for e in range(25)}
-        study.add_trial(optuna.trial.create_trial(value=end, intermediate_values=values))
-    for i in range(10):
-        values = {e + 1: 2.0 - 0.05 * e - 0.01 * i for e in range(5)}
-        study.add_trial(
-            optuna.trial.create_trial(
-                state=optuna.trial.TrialState.PRUNED, intermediate_values=values
-            )
-        )
+    study.add_trials(survivors_and_pruned())
     trial = study.ask()
     report = Reporter(trial, spec_from_dict(SPEC), peers=PeerFeed(study))
     plateau = [2.0, 1.6, 1.3, 1.2, 1.15, 1.15, 1.16, 1.15, 1.16, 1.17]
