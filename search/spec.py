@@ -90,6 +90,28 @@ class ParamSpec(_Model):
             return "int"
         return "float"
 
+    def options(self, cap: int | None = None) -> list[Scalar]:
+        """The values of a categorical or pow2 parameter, no number above `cap`."""
+        if self.kind == "pow2":
+            return list(self.pow2_choices(cap))
+        assert self.choices is not None
+        return [c for c in self.choices if cap is None or isinstance(c, str | bool) or c <= cap]
+
+    def bounds(self, cap: int | None = None) -> tuple[float, float]:
+        """`(low, high)` of a float or int parameter, `high` no more than `cap`."""
+        assert self.low is not None and self.high is not None
+        return self.low, self.high if cap is None else min(self.high, cap)
+
+    def holds(self, value: Any, cap: int | None = None) -> bool:
+        """Whether the parameter can take `value` (a choice, or a number in range on its step)."""
+        if self.kind in ("categorical", "pow2"):
+            return value in self.options(cap)
+        if not _is_number(value) or (self.kind == "int" and value != int(value)):
+            return False
+        low, high = self.bounds(cap)
+        on_step = self.step is None or math.isclose((value - low) / self.step % 1, 0, abs_tol=1e-9)
+        return low <= value <= high and on_step
+
     def pow2_choices(self, cap: int | None = None) -> list[int]:
         assert self.low is not None and self.high is not None
         upper = self.high if cap is None else min(self.high, cap)
@@ -108,6 +130,18 @@ class SamplerSpec(_Model):
     type: Literal["tpe", "random"] = "tpe"
     n_startup_trials: int = Field(8, ge=0)
     multivariate: bool = True
+    #: The study's first trial (`search.space.start_params`): known-good `defaults`, `none`
+    #: (every trial from the sampler), or values for some parameters (the rest as defaults).
+    start: Literal["defaults", "none"] | dict[str, Scalar] = "defaults"
+
+    @field_validator("start", mode="before")
+    @classmethod
+    def _start_kind(cls, value: Any) -> Any:
+        if not isinstance(value, dict) and value not in ("defaults", "none"):
+            raise ValueError(
+                f"must be defaults, none or a mapping of parameter values, but got {value!r}"
+            )
+        return value
 
 
 class PruningSpec(BaseModel):
@@ -211,12 +245,39 @@ class StudySpec(_Model):
                 raise ValueError(f"the built-in trainer needs space entries for {missing}")
         if self.lr_scaling is not None and not {"lr", "batch_size"} <= set(self.space):
             raise ValueError("lr_scaling needs both lr and batch_size in the space")
+        if isinstance(self.sampler.start, dict):
+            for name, value in self.sampler.start.items():
+                if name not in self.space:
+                    raise ValueError(f"sampler.start.{name}: not a parameter of the space")
+                param, cap = self.space[name], self.cap_of(name)
+                if not param.holds(value, cap):
+                    if param.kind in ("categorical", "pow2"):
+                        allowed = f"one of {param.options(cap)}"
+                    else:
+                        low, high = param.bounds(cap)
+                        step = f" on steps of {param.step:g}" if param.step else ""
+                        allowed = f"a{'n int' if param.kind == 'int' else ' number'} in "
+                        allowed += f"[{low:g}, {high:g}]{step}"
+                    raise ValueError(f"sampler.start.{name}: {value!r} is not {allowed}")
+            from search.space import start_params  # space reads the spec: imported late
+
+            inactive = set(self.sampler.start) - set(start_params(self))
+            if inactive:
+                name = sorted(inactive)[0]
+                raise ValueError(
+                    f"sampler.start.{name}: its `when` condition does not hold at the start"
+                )
         batch = self.space.get("batch_size")
         cap = self.max_batch_size
         pow2 = batch is not None and batch.kind == "pow2"
         if cap is not None and batch is not None and pow2 and not batch.pow2_choices(cap):
             raise ValueError(f"max_batch_size={cap} excludes every batch size")
         return self
+
+    def cap_of(self, name: str) -> int | None:
+        """The largest value the parameter `name` may take beyond its range: `max_batch_size`
+        for `batch_size`, None for any other."""
+        return self.max_batch_size if name == "batch_size" else None
 
     def resolved(self) -> dict[str, Any]:
         """The spec with every default filled in, as stored on the study."""
@@ -303,6 +364,10 @@ def import_objective(reference: str) -> Callable[..., Any]:
             f"{inspect.signature(function)}"
         ) from e
     return function
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _is_whole(value: float | None) -> bool:

@@ -6,9 +6,9 @@ import math
 
 import optuna
 import pytest
-from conftest import base_spec
+from conftest import base_spec, sleepy_spec
 
-from search.space import scaled_lr, suggest, trainer_params
+from search.space import scaled_lr, start_params, suggest, trainer_params
 from search.spec import LrScalingSpec, spec_from_dict
 
 
@@ -82,3 +82,74 @@ def test_fixed_trial_gives_the_fixed_values() -> None:
     spec = spec_from_dict(base_spec("s"))
     fixed = {"lr": 0.01, "batch_size": 32, "depth": 2, "width": 16}
     assert suggest(optuna.trial.FixedTrial(fixed), spec) == fixed
+
+
+# --- the study's first trial (sampler.start) ------------------------------------------------
+
+_TRAINER_SPACE = {
+    "lr": {"low": 1e-4, "high": 1.0, "log": True},
+    "batch_size": {"type": "pow2", "low": 16, "high": 256},
+    "depth": {"low": 1, "high": 4},
+    "width": {"low": 16, "high": 256, "log": True},
+    "optimizer": {"choices": ["sgd", "adam"]},
+    "momentum": {"low": 0.5, "high": 0.99, "when": {"optimizer": "sgd"}},
+    "schedule": {"choices": ["constant", "step", "cosine"]},
+    "dropout": {"low": 0.0, "high": 0.8, "step": 0.2},
+}
+
+
+def test_the_trainer_starts_at_the_recipe_where_the_space_allows_and_mid_range_elsewhere() -> None:
+    spec = spec_from_dict(base_spec("s", space=_TRAINER_SPACE))
+    assert start_params(spec) == {
+        "lr": 1e-3, "batch_size": 32, "depth": 2, "width": 64, "optimizer": "adam",
+        "schedule": "cosine", "dropout": pytest.approx(0.4),
+    }  # momentum only goes with sgd
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"lr": {"low": 0.01, "high": 1.0, "log": True}}, {"lr": pytest.approx(0.1)}),
+    ({"optimizer": {"choices": ["sgd"]}}, {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9}),
+    ({"batch_size": {"type": "pow2", "low": 64, "high": 1024}}, {"batch_size": 256}),
+    ({"batch_size": {"choices": [64, 128]}}, {"batch_size": 64}),
+    ({"schedule": {"choices": ["step", "constant"]}}, {"schedule": "step"}),
+])
+def test_a_recipe_value_the_space_lacks_gives_way_to_the_middle_or_the_first_choice(
+        changes: dict, expected: dict) -> None:
+    start = start_params(spec_from_dict(base_spec("s", space={**_TRAINER_SPACE, **changes})))
+    assert {name: start[name] for name in expected} == expected
+
+
+def test_lr_scaling_starts_at_its_reference_batch_and_max_batch_size_caps_the_middle() -> None:
+    spec = spec_from_dict(base_spec("s", space=_TRAINER_SPACE,
+                                    lr_scaling={"rule": "sqrt", "reference_batch_size": 64}))
+    assert start_params(spec)["batch_size"] == 64
+    big = {**_TRAINER_SPACE, "batch_size": {"type": "pow2", "low": 64, "high": 4096}}
+    assert start_params(spec_from_dict(base_spec("s", space=big)))["batch_size"] == 512
+    capped = spec_from_dict(base_spec("s", space=big, max_batch_size=256))
+    assert start_params(capped)["batch_size"] == 128
+
+
+def test_a_user_objective_starts_at_the_middle_of_every_range() -> None:
+    spec = spec_from_dict(sleepy_spec("s", space={
+        "lr": {"low": 1e-4, "high": 1.0, "log": True},
+        "x": {"type": "float", "low": -1.0, "high": 3.0},
+        "optimizer": {"choices": ["sgd", "adam"]},
+        "layers": {"low": 1, "high": 8, "step": 3},
+    }))
+    assert start_params(spec) == {"lr": pytest.approx(1e-2), "x": 1.0, "optimizer": "sgd",
+                                  "layers": 4}
+
+
+def test_given_start_values_replace_the_defaults_and_none_starts_nothing() -> None:
+    given = spec_from_dict(base_spec("s", space=_TRAINER_SPACE,
+                                     sampler={"start": {"optimizer": "sgd", "momentum": 0.95}}))
+    assert start_params(given) == {**start_params(spec_from_dict(
+        base_spec("s", space=_TRAINER_SPACE))), "optimizer": "sgd", "lr": 0.01, "momentum": 0.95}
+    assert start_params(spec_from_dict(base_spec("s", sampler={"start": "none"}))) == {}
+
+
+def test_the_start_is_what_the_first_trial_samples() -> None:
+    spec = spec_from_dict(base_spec("s", space=_TRAINER_SPACE))
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    study.enqueue_trial(start_params(spec))
+    assert suggest(study.ask(), spec) == start_params(spec)
