@@ -47,6 +47,7 @@ MISSING_EPOCHS = "missing_epochs"
 OOM_CONFIG = "oom_config"
 GRAD_ACCUMULATION = "grad_accumulation"
 PEAK_GPU_MEMORY_MB = "peak_gpu_memory_mb"
+START = "start"  #: on the study's first trial (`sampler.start`): "defaults" or "given"
 
 # --- trial system attributes (Optuna's own retry keys, as its retry callback writes them) -----
 FAILED_TRIAL = "failed_trial"  #: number of the first trial of the retry chain

@@ -18,7 +18,7 @@ from typing import Any
 
 import optuna
 
-from search import config, optuna_compat, record
+from search import config, optuna_compat, record, space
 from search.budget import budget_state, study_lock
 from search.exceptions import SpecError, StudyConflictError, StudyNotFoundError
 from search.pruning import make_pruner
@@ -79,13 +79,14 @@ def create_or_update_study(
 ) -> StudyUpdate:
     """Create the study described by `spec`, or apply the changes it may make to the live one.
 
-    A new study gets its spec (without the storage URL), its budget and a uuid
-    (`search.record.STUDY_UUID`, which keys its checkpoints). An existing one takes a new
-    budget when the caller asks (`n_trials`, or the spec's `n_trials` differs from the stored
-    spec's; never below the finished count) and new `workers`, `pruning` and `early_stopping`
-    sections; each applied change is appended to `search.record.SPEC_CHANGES` with its time.
-    The check and the writes happen under the study lock, so of two concurrent calls with
-    different definitions exactly one wins.
+    A new study gets its spec (without the storage URL), its budget, a uuid
+    (`search.record.STUDY_UUID`, which keys its checkpoints) and its first trial, queued
+    (`sampler.start`: `search.space.start_params`; none for `start: none`). An existing one
+    takes a new budget when the caller asks (`n_trials`, or the spec's `n_trials` differs
+    from the stored spec's; never below the finished count) and new `workers`, `pruning`
+    and `early_stopping` sections; each applied change is appended to
+    `search.record.SPEC_CHANGES` with its time. The check and the writes happen under the
+    study lock, so of two concurrent calls with different definitions exactly one wins.
 
     Raises:
         StudyConflictError: any other field differs from the stored spec (the message names
@@ -108,6 +109,10 @@ def create_or_update_study(
             study.set_user_attr(record.BUDGET, config.n_trials(n_trials, spec.n_trials))
             study.set_user_attr(record.SPEC, new)
             study.set_metric_names([spec.metric])  # the dashboard shows it, not "Objective 0"
+            start = space.start_params(spec)
+            if start:  # queued under the lock, so no other launcher's worker claims first
+                given = "given" if isinstance(spec.sampler.start, dict) else "defaults"
+                study.enqueue_trial(start, user_attrs={record.START: given})
             logger.info("Created study %r.", spec.name)
             return StudyUpdate(study, created=True)
         secret = any(stored.get(f) is not None for f in UNSTORED_FIELDS)

@@ -171,3 +171,35 @@ def test_fields_added_by_a_newer_version_are_not_changes(sqlite_url: str, study_
     del older["workers"]["keep_checkpoints"]  # as stored before that field existed
     study.set_user_attr(record.SPEC, older)
     assert _update(sqlite_url, spec).changes == ()
+
+
+def test_a_new_study_queues_its_start_trial_once(sqlite_url: str, study_name: str) -> None:
+    spec = base_spec(study_name)
+    study = _update(sqlite_url, spec).study
+    [first] = study.trials
+    assert first.state == TrialState.WAITING
+    assert first.user_attrs[record.START] == "defaults"
+    assert first.system_attrs["fixed_params"] == {
+        "lr": 1e-3, "batch_size": 32, "depth": 2, "width": 16}  # width: 8..32, log middle
+    assert len(_update(sqlite_url, spec).study.trials) == 1, "continuing queues nothing"
+    none = _update(sqlite_url, base_spec(f"{study_name}-none", sampler={"start": "none"}))
+    assert none.study.trials == []
+
+
+def test_of_many_concurrent_creates_one_queues_the_start_trial(
+        pg_url: str, study_name: str) -> None:
+    storages = [open_storage(pg_url) for _ in range(4)]
+    barrier = threading.Barrier(len(storages))
+
+    def create(storage: optuna.storages.BaseStorage) -> None:
+        barrier.wait()
+        create_or_update_study(spec_from_dict(sleepy_spec(study_name)), storage)
+
+    threads = [threading.Thread(target=create, args=(s,)) for s in storages]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    trials = optuna.load_study(study_name=study_name, storage=open_storage(pg_url)).trials
+    assert [(t.state, t.user_attrs[record.START], t.system_attrs["fixed_params"])
+            for t in trials] == [(TrialState.WAITING, "defaults", {"x": 0.0})]

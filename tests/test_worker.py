@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from tcp_proxy import TcpProxy
 
+from search import record
 from search.spec import spec_from_dict
 from search.storage import normalize_url, open_storage
 from search.study import create_or_load_study
@@ -47,6 +48,8 @@ def test_four_workers_finish_exactly_n_with_distinct_params(
     assert len(trials) == 13, "no surplus trial was started"
     assert len({t.params["x"] for t in trials}) == 13, "seeded workers repeated parameters"
     assert len({t.user_attrs["worker"] for t in trials}) >= 3
+    started = [t for t in trials if t.user_attrs.get(record.START)]
+    assert [(t.number, t.params) for t in started] == [(0, {"x": 0.0})], "one start, run first"
 
 
 def test_kill_9_mid_trial_is_reaped_and_resumed_from_checkpoint(
