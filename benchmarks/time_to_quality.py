@@ -7,7 +7,9 @@ in-process on in-memory Optuna studies (so the figures measure the pruner and th
 not the storage or the worker's bookkeeping):
 
     service: `search.study.make_sampler` (TPE, 8 startup trials, multivariate, constant
-        liar) and `default_pruner()`, asked per epoch as the worker asks it:
+        liar), its first trial the spec's `sampler.start` (`search.space.start_params`,
+        queued as `create_or_update_study` queues it; `--start none` for none), and
+        `default_pruner()`, asked per epoch as the worker asks it:
         `judge(Curve.from_rows(rows, ...), peers)` with one `Peers` fed each finished
         trial; an `end` verdict records the trial COMPLETE at its best value, a prune
         PRUNED; a trial that runs out completes with its best value (the worker's value).
@@ -50,10 +52,10 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent / "pruning"))
 from make_curves import load
 
-from search import trainable
+from search import space, trainable
 from search.curves import Curve
 from search.pruning import default_pruner
-from search.spec import SamplerSpec
+from search.spec import spec_from_dict
 from search.study import make_sampler
 from search.trend import Peers
 
@@ -67,27 +69,34 @@ class _Stop(Exception):
         self.end = end
 
 
-def suggest(trial: optuna.Trial) -> dict[str, Any]:
-    optimizer = trial.suggest_categorical("optimizer", ["adam", "sgd"])
-    return {
-        "lr": trial.suggest_float("lr", 1e-4, 3.0, log=True),
-        "batch_size": trial.suggest_categorical("batch_size", [16, 32, 64, 128]),
-        "depth": trial.suggest_int("depth", 1, 3),
-        "width": trial.suggest_int("width", 16, 256, log=True),
-        "optimizer": optimizer,
-        "warmup_epochs": trial.suggest_int("warmup_epochs", 0, 3),
-        "schedule": trial.suggest_categorical("schedule", ["constant", "cosine"]),
-    }
+#: The search space of both sides (in this order, which sets what a seeded sampler draws).
+SPEC = spec_from_dict(
+    {
+        "name": "time-to-quality",
+        "space": {
+            "optimizer": {"choices": ["adam", "sgd"]},
+            "lr": {"low": 1e-4, "high": 3.0, "log": True},
+            "batch_size": {"choices": [16, 32, 64, 128]},
+            "depth": {"low": 1, "high": 3},
+            "width": {"low": 16, "high": 256, "log": True},
+            "warmup_epochs": {"low": 0, "high": 3},
+            "schedule": {"choices": ["constant", "cosine"]},
+        },
+    },
+    source="time_to_quality.SPEC",
+)
 
 
-def run_study(task: str, seed: int, *, service: bool, trials: int, epochs: int) -> list[dict]:
+def run_study(
+    task: str, seed: int, *, service: bool, trials: int, epochs: int, start: bool = True
+) -> list[dict]:
     """One study; per finished trial: epochs, cpu and wall seconds, value and accuracy."""
     if service:
-        sampler = make_sampler(
-            type("Spec", (), {"sampler": SamplerSpec()})(),  # type: ignore[arg-type]
-            seed=seed,
+        study = optuna.create_study(
+            sampler=make_sampler(SPEC, seed=seed), pruner=optuna.pruners.NopPruner()
         )
-        study = optuna.create_study(sampler=sampler, pruner=optuna.pruners.NopPruner())
+        if start and (first := space.start_params(SPEC)):  # as create_or_update_study does
+            study.enqueue_trial(first)
     else:
         study = optuna.create_study(
             sampler=optuna.samplers.TPESampler(seed=seed), pruner=optuna.pruners.MedianPruner()
@@ -96,7 +105,7 @@ def run_study(task: str, seed: int, *, service: bool, trials: int, epochs: int) 
     log = []
     for _ in range(trials):
         trial = study.ask()
-        params = suggest(trial)
+        params = space.suggest(trial, SPEC)
         rows: list[dict[str, float]] = []
         began_cpu, began = time.process_time(), time.perf_counter()
 
@@ -213,6 +222,10 @@ def wilcoxon(a: list[float], b: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument(
+        "--start", choices=("defaults", "none"), default="defaults", help="sampler.start"
+    )
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--tasks", default=",".join(TASKS))
@@ -240,11 +253,16 @@ def main() -> None:
             dataset=task,
             epochs=1,
         )
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             runs = {}
             for service in (seed % 2 == 0, seed % 2 == 1):  # alternate who goes first
                 runs[service] = run_study(
-                    task, seed, service=service, trials=args.trials, epochs=args.epochs
+                    task,
+                    seed,
+                    service=service,
+                    trials=args.trials,
+                    epochs=args.epochs,
+                    start=args.start == "defaults",
                 )
             svc, opt = runs[True], runs[False]
             finals = [best_accuracy(svc)[-1], best_accuracy(opt)[-1]]
@@ -269,7 +287,10 @@ def main() -> None:
         p = wilcoxon([r["service"]["epochs"] for r in rows], [r["optuna"]["epochs"] for r in rows])
         final = [statistics.mean(r["final"][i] for r in rows) for i in (0, 1)]
         results[task] = {"ratios": ratios, "p_epochs": p, "final": final, "seeds": rows}
-    title = f"{args.seeds} seeds x {args.trials} trials x {args.epochs} epochs"
+    title = (
+        f"seeds {args.first_seed}-{args.first_seed + args.seeds - 1} x {args.trials} trials"
+        f" x {args.epochs} epochs, start {args.start}"
+    )
     Console(width=160).print(summary(results, title))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
