@@ -7,8 +7,8 @@ in-process on in-memory Optuna studies (so the figures measure the pruner and th
 not the storage or the worker's bookkeeping):
 
     service: `search.study.make_sampler` (TPE, 8 startup trials, multivariate, constant
-        liar), its first trial the spec's `sampler.start` (`search.space.start_params`,
-        queued as `create_or_update_study` queues it; `--start none` for none), and
+        liar; with `--start defaults` its first trial is `sampler.start: defaults`,
+        `search.space.start_params`, queued as `create_or_update_study` queues it), and
         `default_pruner()`, asked per epoch as the worker asks it:
         `judge(Curve.from_rows(rows, ...), peers)` with one `Peers` fed each finished
         trial; an `end` verdict records the trial COMPLETE at its best value, a prune
@@ -88,14 +88,17 @@ SPEC = spec_from_dict(
 
 
 def run_study(
-    task: str, seed: int, *, service: bool, trials: int, epochs: int, start: bool = True
+    task: str, seed: int, *, service: bool, trials: int, epochs: int, start: str = "none"
 ) -> list[dict]:
     """One study; per finished trial: epochs, cpu and wall seconds, value and accuracy."""
     if service:
         study = optuna.create_study(
             sampler=make_sampler(SPEC, seed=seed), pruner=optuna.pruners.NopPruner()
         )
-        if start and (first := space.start_params(SPEC)):  # as create_or_update_study does
+        spec = SPEC.model_copy(
+            update={"sampler": SPEC.sampler.model_copy(update={"start": start})}
+        )
+        if first := space.start_params(spec):  # as create_or_update_study queues it
             study.enqueue_trial(first)
     else:
         study = optuna.create_study(
@@ -224,7 +227,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument(
-        "--start", choices=("defaults", "none"), default="defaults", help="sampler.start"
+        "--start", choices=("none", "defaults"), default="none", help="sampler.start"
     )
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=20)
@@ -262,7 +265,7 @@ def main() -> None:
                     service=service,
                     trials=args.trials,
                     epochs=args.epochs,
-                    start=args.start == "defaults",
+                    start=args.start,
                 )
             svc, opt = runs[True], runs[False]
             finals = [best_accuracy(svc)[-1], best_accuracy(opt)[-1]]

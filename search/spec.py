@@ -130,9 +130,10 @@ class SamplerSpec(_Model):
     type: Literal["tpe", "random"] = "tpe"
     n_startup_trials: int = Field(8, ge=0)
     multivariate: bool = True
-    #: The study's first trial (`search.space.start_params`): known-good `defaults`, `none`
-    #: (every trial from the sampler), or values for some parameters (the rest as defaults).
-    start: Literal["defaults", "none"] | dict[str, Scalar] = "defaults"
+    #: The study's first trial (`search.space.start_params`): `none` (every trial from the
+    #: sampler), the known-good `defaults`, or values for some parameters (the rest as
+    #: defaults). `none` by default: a start measured no sooner to quality (see the README).
+    start: Literal["defaults", "none"] | dict[str, Scalar] = "none"
 
     @field_validator("start", mode="before")
     @classmethod

@@ -98,9 +98,13 @@ _TRAINER_SPACE = {
 }
 
 
+def _start(space: dict | None = None, **overrides: object) -> dict:
+    spec = base_spec("s", space=space or _TRAINER_SPACE, sampler={"start": "defaults"})
+    return start_params(spec_from_dict({**spec, **overrides}))
+
+
 def test_the_trainer_starts_at_the_recipe_where_the_space_allows_and_mid_range_elsewhere() -> None:
-    spec = spec_from_dict(base_spec("s", space=_TRAINER_SPACE))
-    assert start_params(spec) == {
+    assert _start() == {
         "lr": 1e-3, "batch_size": 32, "depth": 2, "width": 64, "optimizer": "adam",
         "schedule": "cosine", "dropout": pytest.approx(0.4),
     }  # momentum only goes with sgd
@@ -115,22 +119,19 @@ def test_the_trainer_starts_at_the_recipe_where_the_space_allows_and_mid_range_e
 ])
 def test_a_recipe_value_the_space_lacks_gives_way_to_the_middle_or_the_first_choice(
         changes: dict, expected: dict) -> None:
-    start = start_params(spec_from_dict(base_spec("s", space={**_TRAINER_SPACE, **changes})))
+    start = _start({**_TRAINER_SPACE, **changes})
     assert {name: start[name] for name in expected} == expected
 
 
 def test_lr_scaling_starts_at_its_reference_batch_and_max_batch_size_caps_the_middle() -> None:
-    spec = spec_from_dict(base_spec("s", space=_TRAINER_SPACE,
-                                    lr_scaling={"rule": "sqrt", "reference_batch_size": 64}))
-    assert start_params(spec)["batch_size"] == 64
+    assert _start(lr_scaling={"rule": "sqrt", "reference_batch_size": 64})["batch_size"] == 64
     big = {**_TRAINER_SPACE, "batch_size": {"type": "pow2", "low": 64, "high": 4096}}
-    assert start_params(spec_from_dict(base_spec("s", space=big)))["batch_size"] == 512
-    capped = spec_from_dict(base_spec("s", space=big, max_batch_size=256))
-    assert start_params(capped)["batch_size"] == 128
+    assert _start(big)["batch_size"] == 512
+    assert _start(big, max_batch_size=256)["batch_size"] == 128
 
 
 def test_a_user_objective_starts_at_the_middle_of_every_range() -> None:
-    spec = spec_from_dict(sleepy_spec("s", space={
+    spec = spec_from_dict(sleepy_spec("s", sampler={"start": "defaults"}, space={
         "lr": {"low": 1e-4, "high": 1.0, "log": True},
         "x": {"type": "float", "low": -1.0, "high": 3.0},
         "optimizer": {"choices": ["sgd", "adam"]},
@@ -140,16 +141,15 @@ def test_a_user_objective_starts_at_the_middle_of_every_range() -> None:
                                   "layers": 4}
 
 
-def test_given_start_values_replace_the_defaults_and_none_starts_nothing() -> None:
+def test_given_start_values_replace_the_defaults_and_none_is_the_default() -> None:
     given = spec_from_dict(base_spec("s", space=_TRAINER_SPACE,
                                      sampler={"start": {"optimizer": "sgd", "momentum": 0.95}}))
-    assert start_params(given) == {**start_params(spec_from_dict(
-        base_spec("s", space=_TRAINER_SPACE))), "optimizer": "sgd", "lr": 0.01, "momentum": 0.95}
-    assert start_params(spec_from_dict(base_spec("s", sampler={"start": "none"}))) == {}
+    assert start_params(given) == {**_start(), "optimizer": "sgd", "lr": 0.01, "momentum": 0.95}
+    assert start_params(spec_from_dict(base_spec("s", space=_TRAINER_SPACE))) == {}
 
 
 def test_the_start_is_what_the_first_trial_samples() -> None:
-    spec = spec_from_dict(base_spec("s", space=_TRAINER_SPACE))
+    spec = spec_from_dict(base_spec("s", space=_TRAINER_SPACE, sampler={"start": "defaults"}))
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     study.enqueue_trial(start_params(spec))
     assert suggest(study.ask(), spec) == start_params(spec)

@@ -174,7 +174,7 @@ def test_fields_added_by_a_newer_version_are_not_changes(sqlite_url: str, study_
 
 
 def test_a_new_study_queues_its_start_trial_once(sqlite_url: str, study_name: str) -> None:
-    spec = base_spec(study_name)
+    spec = base_spec(study_name, sampler={"start": "defaults"})
     study = _update(sqlite_url, spec).study
     [first] = study.trials
     assert first.state == TrialState.WAITING
@@ -182,8 +182,7 @@ def test_a_new_study_queues_its_start_trial_once(sqlite_url: str, study_name: st
     assert first.system_attrs["fixed_params"] == {
         "lr": 1e-3, "batch_size": 32, "depth": 2, "width": 16}  # width: 8..32, log middle
     assert len(_update(sqlite_url, spec).study.trials) == 1, "continuing queues nothing"
-    none = _update(sqlite_url, base_spec(f"{study_name}-none", sampler={"start": "none"}))
-    assert none.study.trials == []
+    assert _update(sqlite_url, base_spec(f"{study_name}-none")).study.trials == [], "by default"
 
 
 def test_of_many_concurrent_creates_one_queues_the_start_trial(
@@ -193,7 +192,8 @@ def test_of_many_concurrent_creates_one_queues_the_start_trial(
 
     def create(storage: optuna.storages.BaseStorage) -> None:
         barrier.wait()
-        create_or_update_study(spec_from_dict(sleepy_spec(study_name)), storage)
+        spec = sleepy_spec(study_name, sampler={"start": "defaults"})
+        create_or_update_study(spec_from_dict(spec), storage)
 
     threads = [threading.Thread(target=create, args=(s,)) for s in storages]
     for thread in threads:

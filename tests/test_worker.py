@@ -38,7 +38,8 @@ def _create(url: str, spec: dict) -> optuna.Study:
 def test_four_workers_finish_exactly_n_with_distinct_params(
     pg_url: str, study_name: str, tmp_path: Path
 ) -> None:
-    _create(pg_url, sleepy_spec(study_name, n_trials=13, epochs=2))
+    sampler = {"type": "tpe", "n_startup_trials": 3, "start": "defaults"}
+    _create(pg_url, sleepy_spec(study_name, n_trials=13, epochs=2, sampler=sampler))
     workers = [
         start_worker(study_name, pg_url, tmp_path, f"w{i}", epoch_seconds=0.1) for i in range(4)
     ]
