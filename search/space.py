@@ -57,9 +57,9 @@ def start_params(spec: StudySpec) -> dict[str, Any]:
         wanted = given.get(name)
         if wanted is None and spec.objective.function is None:
             wanted = _recipe(name, spec)
-        params[name] = wanted if wanted is not None and param.holds(wanted, cap) else (
-            _middle(param, cap)
-        )
+        if wanted is None or not param.holds(wanted, cap):
+            wanted = _middle(param, cap)
+        params[name] = wanted
     return params
 
 

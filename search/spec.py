@@ -112,6 +112,14 @@ class ParamSpec(_Model):
         on_step = self.step is None or math.isclose((value - low) / self.step % 1, 0, abs_tol=1e-9)
         return low <= value <= high and on_step
 
+    def allowed(self, cap: int | None = None) -> str:
+        """What `holds` accepts, in words: "one of [16, 32]", "a number in [0.001, 0.1]"."""
+        if self.kind in ("categorical", "pow2"):
+            return f"one of {self.options(cap)}"
+        low, high = self.bounds(cap)
+        step = f" on steps of {self.step:g}" if self.step else ""
+        return f"a{'n int' if self.kind == 'int' else ' number'} in [{low:g}, {high:g}]{step}"
+
     def pow2_choices(self, cap: int | None = None) -> list[int]:
         assert self.low is not None and self.high is not None
         upper = self.high if cap is None else min(self.high, cap)
@@ -247,27 +255,7 @@ class StudySpec(_Model):
         if self.lr_scaling is not None and not {"lr", "batch_size"} <= set(self.space):
             raise ValueError("lr_scaling needs both lr and batch_size in the space")
         if isinstance(self.sampler.start, dict):
-            for name, value in self.sampler.start.items():
-                if name not in self.space:
-                    raise ValueError(f"sampler.start.{name}: not a parameter of the space")
-                param, cap = self.space[name], self.cap_of(name)
-                if not param.holds(value, cap):
-                    if param.kind in ("categorical", "pow2"):
-                        allowed = f"one of {param.options(cap)}"
-                    else:
-                        low, high = param.bounds(cap)
-                        step = f" on steps of {param.step:g}" if param.step else ""
-                        allowed = f"a{'n int' if param.kind == 'int' else ' number'} in "
-                        allowed += f"[{low:g}, {high:g}]{step}"
-                    raise ValueError(f"sampler.start.{name}: {value!r} is not {allowed}")
-            from search.space import start_params  # space reads the spec: imported late
-
-            inactive = set(self.sampler.start) - set(start_params(self))
-            if inactive:
-                name = sorted(inactive)[0]
-                raise ValueError(
-                    f"sampler.start.{name}: its `when` condition does not hold at the start"
-                )
+            self._check_start(self.sampler.start)
         batch = self.space.get("batch_size")
         cap = self.max_batch_size
         pow2 = batch is not None and batch.kind == "pow2"
@@ -275,9 +263,23 @@ class StudySpec(_Model):
             raise ValueError(f"max_batch_size={cap} excludes every batch size")
         return self
 
+    def _check_start(self, start: dict[str, Scalar]) -> None:
+        for name, value in start.items():
+            if name not in self.space:
+                raise ValueError(f"sampler.start.{name}: not a parameter of the space")
+            param, cap = self.space[name], self.cap_of(name)
+            if not param.holds(value, cap):
+                raise ValueError(f"sampler.start.{name}: {value!r} is not {param.allowed(cap)}")
+        from search.space import start_params  # space reads the spec: imported late
+
+        inactive = sorted(set(start) - set(start_params(self)))
+        if inactive:
+            raise ValueError(
+                f"sampler.start.{inactive[0]}: its `when` condition does not hold at the start"
+            )
+
     def cap_of(self, name: str) -> int | None:
-        """The largest value the parameter `name` may take beyond its range: `max_batch_size`
-        for `batch_size`, None for any other."""
+        """The cap on the values of parameter `name`: `max_batch_size` for `batch_size`."""
         return self.max_batch_size if name == "batch_size" else None
 
     def resolved(self) -> dict[str, Any]:
