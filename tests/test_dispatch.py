@@ -106,9 +106,9 @@ def test_a_crashed_worker_is_restarted_and_the_budget_is_still_exact(
         sqlite_url: str, study_name: str, write_spec) -> None:
     spec = write_spec(sleepy_spec(study_name, n_trials=6, epochs=3))
     launcher = _launcher(spec, sqlite_url, "--workers", "2")
-    wait_for(lambda: running_with_epochs(sqlite_url, study_name, 1), 60, "a running trial")
-    victim = next(t.user_attrs["pid"] for t in load_trials(sqlite_url, study_name)
-                  if t.state == TrialState.RUNNING)
+    running = wait_for(lambda: running_with_epochs(sqlite_url, study_name, 1), 60,
+                       "a running trial")
+    victim = running.user_attrs["pid"]  # the worker of a trial that reported (it wrote its pid)
     os.kill(victim, signal.SIGKILL)
     _, err = launcher.communicate(timeout=180)
     assert launcher.returncode == 0, err[-3000:]

@@ -242,7 +242,8 @@ def test_crashed_actor_is_restarted_in_place_and_its_trial_retried(
     assert len(crashed) == 1
     assert crashed[0].user_attrs[record.FAIL_REASON] == record.Outcome.HEARTBEAT_LOST.value
     retry = next(t for t in trials if t.user_attrs.get(record.RETRY_OF) == crashed[0].number)
-    assert retry.state == TrialState.COMPLETE
+    # the retry runs to a verdict; the study's pruner may prune it against its peers
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED), retry.state
     worker = crashed[0].user_attrs[record.WORKER]
     assert fleet.runs[worker].pid != crashed[0].user_attrs[record.PID], (
         "Ray restarted the crashed actor in a new process and ran its loop to the end")
