@@ -109,7 +109,8 @@ class ParamSpec(_Model):
         if not _is_number(value) or (self.kind == "int" and value != int(value)):
             return False
         low, high = self.bounds(cap)
-        on_step = self.step is None or math.isclose((value - low) / self.step % 1, 0, abs_tol=1e-9)
+        steps = (value - low) / self.step if self.step else 0.0
+        on_step = math.isclose(steps, round(steps), abs_tol=1e-9)  # 0.3 / 0.1 = 2.9999...
         return low <= value <= high and on_step
 
     def allowed(self, cap: int | None = None) -> str:

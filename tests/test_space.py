@@ -153,3 +153,9 @@ def test_the_start_is_what_the_first_trial_samples() -> None:
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     study.enqueue_trial(start_params(spec))
     assert suggest(study.ask(), spec) == start_params(spec)
+
+
+def test_a_given_start_on_a_float_step_is_accepted_despite_rounding() -> None:
+    space = {**_TRAINER_SPACE, "dropout": {"low": 0.0, "high": 0.5, "step": 0.1}}
+    spec = spec_from_dict(base_spec("s", space=space, sampler={"start": {"dropout": 0.3}}))
+    assert start_params(spec)["dropout"] == 0.3
