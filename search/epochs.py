@@ -6,11 +6,17 @@ JSON): the same cost at epoch 1 and epoch 500. When a trial ends, its rows are c
 into the trial's `epoch_metrics` user attribute, where optuna-dashboard and `optuna trials`
 show them; a crashed trial's rows are copied by whoever fails it. A crash loses at most the
 report of the epoch that was being written.
+
+The table is made with Optuna's own by `search.storage.open_storage`, under `schema_lock`:
+processes that open a new PostgreSQL database at once take turns, since two concurrent
+`CREATE TABLE`s of one name fail on the server's catalog even with `IF NOT EXISTS`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import optuna
@@ -29,10 +35,32 @@ EPOCHS = sa.Table(
 )
 
 
+#: Key of the PostgreSQL advisory lock held while a process creates tables (any constant
+#: that every process shares; "search" in hex-speak).
+SCHEMA_LOCK_KEY = 0x5EA4C4
+
+
+@contextlib.contextmanager
+def schema_lock(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """A transaction on `engine` in which no other process creates tables: on PostgreSQL
+    it holds an advisory lock until it commits; SQLite's file lock already serializes DDL."""
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
+        yield connection
+
+
+def create_tables(connection: sa.Connection) -> None:
+    """Create this service's tables where missing (call it inside `schema_lock`)."""
+    METADATA.create_all(connection, checkfirst=True)
+
+
 @retry_transient
 def ensure_table(storage: optuna.storages.BaseStorage) -> None:
-    """Create the table if it is missing (writers only; readers cope without it)."""
-    METADATA.create_all(optuna_compat.engine_of(storage), checkfirst=True)
+    """Create the table if it is missing (writers only; readers cope without it);
+    `open_storage` has done so for every storage it opened."""
+    with schema_lock(optuna_compat.engine_of(storage)) as connection:
+        create_tables(connection)
 
 
 @retry_transient

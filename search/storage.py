@@ -20,7 +20,7 @@ import sqlalchemy.exc
 import sqlalchemy.pool
 from sqlalchemy.engine import make_url
 
-from search import config, optuna_compat
+from search import config, epochs, optuna_compat
 from search.config import CONNECT_TIMEOUT_ENV as CONNECT_TIMEOUT_ENV  # re-exported
 from search.config import DEFAULT_STORAGE as DEFAULT_STORAGE
 from search.config import STORAGE_ENV as STORAGE_ENV
@@ -147,13 +147,16 @@ def open_storage(
 
 
 def _initialize_schema(engine_url: str, connect_args: dict[str, Any]) -> None:
-    """Create Optuna's tables in a new database with a throwaway, unpooled engine."""
+    """Create Optuna's tables and this service's in a new database with a throwaway, unpooled
+    engine, one process at a time (`epochs.schema_lock`): workers started together on a new
+    PostgreSQL database would otherwise race on its catalog."""
     kwargs = {"poolclass": sqlalchemy.pool.NullPool, "connect_args": connect_args}
     engine = sqlalchemy.create_engine(engine_url, **kwargs)
     try:
-        if sqlalchemy.inspect(engine).has_table("alembic_version"):
-            return
-        optuna.storages.RDBStorage(engine_url, engine_kwargs=kwargs)
+        with epochs.schema_lock(engine) as connection:
+            if not sqlalchemy.inspect(connection).has_table("alembic_version"):
+                optuna.storages.RDBStorage(engine_url, engine_kwargs=kwargs)
+            epochs.create_tables(connection)
     finally:
         engine.dispose()
 

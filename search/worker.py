@@ -27,7 +27,6 @@ from search import config, objective, oom, optuna_compat, record
 from search.budget import budget_state, claim
 from search.checkpoint import Checkpoints
 from search.ending import annotate, check_failures, check_result, end_trial
-from search.epochs import ensure_table
 from search.exceptions import (
     DiskFullError,
     EarlyStopped,
@@ -102,7 +101,6 @@ class Worker:
 
             self.checkpoints = Checkpoints(self.checkpoint_dir, study_name, study_uuid(self.study))
             self.checkpoints.check_writable()
-        ensure_table(self.storage)
         self.oom = oom.OomRegistry(self.study, device)
         self.peers = PeerFeed(self.study)
         self.watchdog = Watchdog(spec.workers.epoch_timeout, spec.workers.trial_timeout)

@@ -140,13 +140,82 @@ def test_every_backend_call_of_optunas_cache_is_retried() -> None:
             optuna.storages.RDBStorage, name), f"{name} is not wrapped"
 
 
+@pytest.fixture
+def new_database(pg_url: str):
+    """The URL of a database of its own on the real server, with no table yet."""
+    import uuid
+
+    import sqlalchemy
+
+    from search.storage import normalize_url
+
+    admin = sqlalchemy.create_engine(normalize_url(pg_url), isolation_level="AUTOCOMMIT")
+    database = f"new_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{database}"'))
+    yield make_url(pg_url).set(database=database).render_as_string(hide_password=False)
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _at_once(count: int, call) -> list[str]:
+    """Run `call(i)` in threads i = 0..count-1 released together; the errors they raised."""
+    import threading
+
+    barrier, errors = threading.Barrier(count), []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            call(i)
+        except Exception as e:  # every error is the finding
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_workers_opening_a_new_database_at_once_take_turns_creating_its_tables(
+        new_database: str, caplog: pytest.LogCaptureFixture) -> None:
+    """8 processes' first `open_storage` at the same moment (a Slurm array, a Ray cluster):
+    PostgreSQL fails concurrent CREATE TABLEs of one name on its catalog, so without the
+    schema lock all but one would hit a duplicate key and retry (Optuna's tables) or die
+    (the epochs table, as a worker of the connection-storm test once did)."""
+    import sqlalchemy
+
+    from search.epochs import EPOCHS
+    from search.storage import normalize_url
+
+    with caplog.at_level(logging.WARNING, logger="search.storage"):
+        errors = _at_once(8, lambda _: open_storage(new_database, connect_timeout=20))
+    assert errors == []
+    assert "not ready" not in caplog.text, "no process had to retry"
+    engine = sqlalchemy.create_engine(normalize_url(new_database))
+    tables = set(sqlalchemy.inspect(engine).get_table_names())
+    engine.dispose()
+    assert {"studies", "trials", "alembic_version", EPOCHS.name} <= tables
+
+
+def test_the_epochs_table_is_added_at_once_to_a_database_optuna_made(new_database: str) -> None:
+    """A database made by plain Optuna has no epochs table; 8 writers add it together."""
+    from search.epochs import ensure_table
+    from search.storage import normalize_url
+
+    storages = [optuna.storages.RDBStorage(normalize_url(new_database)) for _ in range(8)]
+    assert _at_once(8, lambda i: ensure_table(storages[i])) == []
+
+
 @pytest.mark.slow
 def test_a_connection_storm_kills_no_launcher_and_no_worker(
-        pg_url: str, study_name: str, write_spec, tmp_path) -> None:
+        pg_url: str, new_database: str, study_name: str, write_spec, tmp_path) -> None:
     """Every backend of the study's database is terminated every 2 s for 20 s."""
     import subprocess
     import sys
-    import uuid
 
     import sqlalchemy
     from conftest import cli_env, sleepy_spec
@@ -154,10 +223,8 @@ def test_a_connection_storm_kills_no_launcher_and_no_worker(
     from search.storage import normalize_url
 
     admin = sqlalchemy.create_engine(normalize_url(pg_url), isolation_level="AUTOCOMMIT")
-    database = f"storm_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as connection:
-        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{database}"'))
-    url = make_url(pg_url).set(database=database).render_as_string(hide_password=False)
+    url = new_database
+    database = make_url(url).database
     spec = write_spec(sleepy_spec(study_name, n_trials=14, epochs=3))
     env = cli_env(url, SEARCH_TEST_EPOCH_SECONDS="0.4")
     logs = [(tmp_path / f"p{i}.log").open("w") for i in range(3)]
@@ -191,9 +258,6 @@ def test_a_connection_storm_kills_no_launcher_and_no_worker(
         for process in (launcher, *locals().get("workers", [])):
             if process.poll() is None:
                 process.kill()
-        with admin.connect() as connection:
-            drop = f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'
-            connection.execute(sqlalchemy.text(drop))
         admin.dispose()
 
 
