@@ -2,10 +2,11 @@
 
 Each call is one database transaction (the objective's intermediate value and the epoch's
 metrics row, see `search.epochs`), then a pruning decision made in memory: the trial's own
-curve is held here, and the comparison with peers reads a `Peers` view refreshed at most
-every `PEER_STALENESS` seconds. Nothing read per epoch grows with the epochs, the trials or
-the workers of the study. Training ends by `report` raising `optuna.TrialPruned` or a
-`search.exceptions.StopTrial`.
+curve is held here, and the comparison with peers reads a `Peers` view: other workers'
+trials are read at most every `PEER_STALENESS` seconds, the worker's own as each finishes
+(one row), so a lone worker always compares with every trial before it. Nothing read per
+epoch grows with the epochs, the trials or the workers of the study. Training ends by
+`report` raising `optuna.TrialPruned` or a `search.exceptions.StopTrial`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from search.trend import Peers, TrendPruner
 logger = logging.getLogger(__name__)
 
 GUARDED_METRICS = ("train_loss", "grad_norm")
-#: The comparison with peers may be this many seconds behind the study.
+#: The comparison with other workers' trials may be this many seconds behind the study.
 PEER_STALENESS = 10.0
 
 
@@ -50,6 +51,10 @@ class PeerFeed:
             self.peers.add(self.study.get_trials(deepcopy=False, states=states))
             self._read_at = now
         return self.peers
+
+    def add_own(self, trial_id: int) -> None:
+        """Count a trial this worker has just finished, at once (one row read, not the study)."""
+        self.peers.add([optuna_compat.storage_of(self.study).get_trial(trial_id)])
 
 
 class Reporter:

@@ -262,6 +262,8 @@ class Worker:
             **how,
         )
         rule = consequence(ended)
+        if rule.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+            self.peers.add_own(optuna_compat.trial_id(trial))  # compared with at once
         if (
             self.checkpoints
             and rule.state is not None

@@ -106,8 +106,12 @@ def test_the_peer_view_is_reread_only_when_stale(sqlite_url: str) -> None:
     assert feed.current().finished == 0
     study.add_trial(optuna.trial.create_trial(value=1.0, intermediate_values={1: 1.0}))
     assert feed.current().finished == 0, "still within its staleness"
+    own = study.ask()
+    study.tell(own, 2.0)
+    feed.add_own(trial_id(own))
+    assert feed.current().finished == 1, "the worker's own trial, at once"
     feed.staleness = 0
-    assert feed.current().finished == 1
+    assert feed.current().finished == 2
 
 
 def test_a_wrapped_optuna_pruner_is_asked_in_the_workers_path(sqlite_url: str) -> None:

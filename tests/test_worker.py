@@ -285,3 +285,30 @@ def test_a_worker_holds_one_database_connection(
     finally:
         engine.dispose()
     assert worker.wait(timeout=120) == 0, worker_log(tmp_path, "w")[-3000:]
+
+
+def test_a_lone_worker_compares_each_trial_with_every_trial_before_it(
+    sqlite_url: str, study_name: str
+) -> None:
+    """Other workers' trials reach the comparison within `PEER_STALENESS` seconds; this
+    worker's own at once: with an hour's staleness, trial k still sees the k before it."""
+    from study_factory import review_spec
+
+    from search.worker import Worker
+
+    spec = spec_from_dict(review_spec(study_name, n_trials=6), source="test")
+    create_or_load_study(spec, open_storage(sqlite_url))
+    worker = Worker(study_name, sqlite_url, worker_id="lone")
+    worker.peers.staleness = 3600.0
+    seen: dict[int, int] = {}
+    current = worker.peers.current
+
+    def spy() -> object:
+        peers = current()
+        assert worker._current is not None
+        seen.setdefault(worker._current.number, peers.finished)
+        return peers
+
+    worker.peers.current = spy  # type: ignore[method-assign]
+    worker.run()
+    assert seen == {number: number for number in range(6)}
