@@ -88,13 +88,22 @@ SPEC = spec_from_dict(
 
 
 def run_study(
-    task: str, seed: int, *, service: bool, trials: int, epochs: int, start: str = "none"
+    task: str,
+    seed: int,
+    *,
+    service: bool,
+    trials: int,
+    epochs: int,
+    start: str = "none",
+    sampler: str = "tpe",
 ) -> list[dict]:
     """One study; per finished trial: epochs, cpu and wall seconds, value and accuracy."""
     if service:
-        study = optuna.create_study(
-            sampler=make_sampler(SPEC, seed=seed), pruner=optuna.pruners.NopPruner()
-        )
+        chosen: optuna.samplers.BaseSampler = make_sampler(SPEC, seed=seed)
+        if sampler == "gp":  # tried in session 6 (RESULTS-time-to-quality.md), not a spec type
+            startup = SPEC.sampler.n_startup_trials
+            chosen = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+        study = optuna.create_study(sampler=chosen, pruner=optuna.pruners.NopPruner())
         spec = SPEC.model_copy(
             update={"sampler": SPEC.sampler.model_copy(update={"start": start})}
         )
@@ -229,6 +238,9 @@ def main() -> None:
     parser.add_argument(
         "--start", choices=("none", "defaults"), default="none", help="sampler.start"
     )
+    parser.add_argument(
+        "--sampler", choices=("tpe", "gp"), default="tpe", help="the service's sampler"
+    )
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--tasks", default=",".join(TASKS))
@@ -266,6 +278,7 @@ def main() -> None:
                     trials=args.trials,
                     epochs=args.epochs,
                     start=args.start,
+                    sampler=args.sampler,
                 )
             svc, opt = runs[True], runs[False]
             finals = [best_accuracy(svc)[-1], best_accuracy(opt)[-1]]
@@ -292,7 +305,7 @@ def main() -> None:
         results[task] = {"ratios": ratios, "p_epochs": p, "final": final, "seeds": rows}
     title = (
         f"seeds {args.first_seed}-{args.first_seed + args.seeds - 1} x {args.trials} trials"
-        f" x {args.epochs} epochs, start {args.start}"
+        f" x {args.epochs} epochs, start {args.start}, sampler {args.sampler}"
     )
     Console(width=160).print(summary(results, title))
     if args.json:
