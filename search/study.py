@@ -8,6 +8,7 @@ person reviewing or resuming the study sees how it was defined.
 from __future__ import annotations
 
 import datetime
+import difflib
 import hashlib
 import json
 import logging
@@ -309,11 +310,21 @@ class RecentTPESampler(optuna.samplers.TPESampler):
         return super().sample_independent(recent, trial, param_name, param_distribution)
 
 
+#: The most study names a "no study" error lists (a shared database may hold hundreds).
+LISTED_STUDIES = 10
+
+
 def _not_found(name: str, storage: optuna.storages.BaseStorage) -> str:
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    url = getattr(storage, "url", "")
-    known = f"; studies there: {', '.join(names)}" if names else "; it holds no studies"
-    return f"no study {name!r} in {mask_url(url)}{known}"
+    names = sorted(s.study_name for s in storage.get_all_studies())
+    url = mask_url(getattr(storage, "url", ""))
+    if not names:
+        return f"no study {name!r} in {url}; it holds no studies"
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    if close:
+        return f"no study {name!r} in {url}; did you mean {' or '.join(map(repr, close))}?"
+    shown = ", ".join(names[:LISTED_STUDIES])
+    more = f" and {len(names) - LISTED_STUDIES} more" if len(names) > LISTED_STUDIES else ""
+    return f"no study {name!r} in {url}; studies there: {shown}{more}"
 
 
 def trial_seed(base: int, number: int) -> int:

@@ -203,3 +203,27 @@ def test_of_many_concurrent_creates_one_queues_the_start_trial(
     trials = optuna.load_study(study_name=study_name, storage=open_storage(pg_url)).trials
     assert [(t.state, t.user_attrs[record.START], t.system_attrs["fixed_params"])
             for t in trials] == [(TrialState.WAITING, "defaults", {"x": 0.0})]
+
+
+@pytest.mark.parametrize(
+    ("asked", "says"),
+    [
+        ("digits-mpl", "no study 'digits-mpl' in sqlite:///"),
+        ("digits-mpl", "; did you mean 'digits-mlp'?"),
+        ("wine", "; studies there: alpha-0, alpha-1, alpha-10, alpha-11, alpha-2, alpha-3, "
+                 "alpha-4, alpha-5, alpha-6, alpha-7 and 3 more"),
+    ],
+)
+def test_a_study_not_found_is_one_short_line_that_names_the_nearest(
+        sqlite_url: str, asked: str, says: str) -> None:
+    """A shared database holds many studies: the error suggests the close names, or lists
+    the first 10, never all of them."""
+    from search.exceptions import StudyNotFoundError
+
+    storage = open_storage(sqlite_url)
+    for name in [f"alpha-{i}" for i in range(12)] + ["digits-mlp"]:
+        optuna.create_study(study_name=name, storage=storage)
+    with pytest.raises(StudyNotFoundError) as info:
+        load_study(asked, storage)
+    message = str(info.value)
+    assert says in message and "\n" not in message
