@@ -9,6 +9,10 @@ don't lose") stops there and completes with its best value so far. The audit tel
 setting: which trials it prunes and which it ends, at which epoch, whether the study's best
 trial survives, and the epochs and GPU-time (recorded `epoch_seconds`) it spends.
 
+Each replayed trial is given to the setting's peers as it is told, so every trial is compared
+with all before it, as a study's lone worker compares (`PeerFeed.add_own`): the study's own
+setting replays a one-worker study's decisions exactly.
+
 What was not recorded cannot be replayed: a trial that was pruned in the real study but that a
 setting would let run is replayed up to its last recorded epoch and counted as `unobserved`
 (its epochs and seconds are then lower bounds).
@@ -143,18 +147,28 @@ def replay(study: optuna.Study, setting: str) -> SettingResult:
             rule = live.user_attrs.get(record.PRUNE_RULE, type(pruner).__name__)
             if end and math.isfinite(lowest):
                 result.ended[trial.number] = {"epoch": stopped, "rule": rule}
-                memory.tell(live, sign * lowest)
+                _count(pruner, memory, memory.tell(live, sign * lowest))
                 continue
             result.pruned[trial.number] = {"epoch": stopped, "rule": rule}
-            memory.tell(live, state=TrialState.PRUNED)
+            _count(pruner, memory, memory.tell(live, state=TrialState.PRUNED))
             continue
         if trial.state == TrialState.PRUNED:
             result.unobserved.append(trial.number)
-            memory.tell(live, state=TrialState.PRUNED)
+            _count(pruner, memory, memory.tell(live, state=TrialState.PRUNED))
         else:
-            memory.tell(live, _finite(trial.value))
+            _count(pruner, memory, memory.tell(live, _finite(trial.value)))
     result.best_survives = None if best is None else best not in result.pruned
     return result
+
+
+def _count(pruner: optuna.pruners.BasePruner, memory: optuna.Study, told: FrozenTrial) -> None:
+    """Give a replayed trial to the pruner's peers as soon as it is told, as a worker counts
+    its own finished trials (`PeerFeed.add_own`): the replay then compares each trial with
+    every one before it, as the study's single worker did, not with a view up to
+    `refresh_every` decisions old."""
+    peers = getattr(getattr(pruner, "cache", None), "cached", lambda _: None)(memory)
+    if peers is not None:
+        peers.add([told])
 
 
 def _stop(

@@ -29,6 +29,17 @@ def test_replaying_the_own_curve_rules_prunes_what_they_pruned(audited) -> None:
     assert own.epochs == happened.epochs  # the rest run to the end of their record
 
 
+def test_the_studys_own_setting_replays_exactly_what_its_single_worker_did(audited) -> None:
+    """The study ran with the default pruner on one worker, whose peers hold every trial
+    before the current one; the replay compares alike (each trial counted as it is told),
+    so it prunes the same trials at the same epochs by the same rules, and observes all."""
+    _, study = audited
+    happened, default = audit(study, ["default"])
+    assert any(v["rule"] == "comparative" for v in happened.pruned.values())
+    assert default.pruned == happened.pruned
+    assert default.unobserved == []
+
+
 def test_no_pruner_prunes_nothing_and_marks_the_unrecorded_epochs(audited) -> None:
     _, study = audited
     happened, none = audit(study, ["none"])
