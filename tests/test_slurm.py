@@ -81,16 +81,28 @@ def _queue(env: dict[str, str], job: str) -> dict[str, str]:
     return dict(line.split() for line in out.splitlines() if line.strip())
 
 
+def _ended(env: dict[str, str], job: str) -> dict[str, str]:
+    """Array task id -> exit code (`status:signal`), for the tasks of `job` that completed."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True,
+                         text=True, env=env, check=True).stdout
+    fields = [dict(f.split("=", 1) for f in line.split() if "=" in f)
+              for line in out.splitlines()]
+    return {f["ArrayTaskId"]: f["ExitCode"] for f in fields if f.get("JobState") == "COMPLETED"}
+
+
 def test_array_runs_the_study_to_exactly_n_trials_one_gpu_per_task(
         slurm_conf: str, pg_url: str, study_name: str, tmp_path: Path) -> None:
     study = _create(sleepy_spec(study_name, n_trials=6, epochs=2,
                                 objective={"function": "objectives:env_probe"}),
                     pg_url, tmp_path)
     env = _env(slurm_conf, pg_url, tmp_path)
-    submitted = _sbatch(env, tmp_path, study_name, "--array=0-2", "--wait")
-    logs = {p.name: p.read_text() for p in tmp_path.glob("task-*.out")}
-    assert submitted.returncode == 0, submitted.stderr + str(logs)
+    submitted = _sbatch(env, tmp_path, study_name, "--array=0-2")
+    assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
+    # polled here: `sbatch --wait` polls at growing intervals, up to 30 s after the end
+    _wait_for(lambda: not _queue(env, job), "the array to finish", 240)
+    logs = {p.name: p.read_text() for p in tmp_path.glob("task-*.out")}
+    assert _ended(env, job) == {"0": "0:0", "1": "0:0", "2": "0:0"}, logs
     trials = exact_trials(study, 6)
     assert sorted(logs) == ["task-0.out", "task-1.out", "task-2.out"]
     placed = [re.search(r"GPU (\S+) of the node, CUDA_VISIBLE_DEVICES=(\S+)", text)
