@@ -68,7 +68,7 @@ def test_launch_runs_exactly_n_trials_with_two_workers(
 
 
 def test_launch_continues_an_existing_study(sqlite_url: str, study_name: str, write_spec) -> None:
-    spec_path = write_spec(base_spec(study_name, epochs=2))
+    spec_path = write_spec(sleepy_spec(study_name, epochs=2))
     assert _launch(spec_path, sqlite_url, "--n-trials", "3", "--workers", "1").returncode == 0
     again = _launch(spec_path, sqlite_url, "--n-trials", "5", "--workers", "1")
     assert again.returncode == 0, again.stderr[-2000:]
@@ -77,9 +77,9 @@ def test_launch_continues_an_existing_study(sqlite_url: str, study_name: str, wr
 
 def test_conflicting_spec_on_existing_study_is_refused(sqlite_url: str, study_name: str,
                                                        write_spec) -> None:
-    spec_path = write_spec(base_spec(study_name, epochs=2))
+    spec_path = write_spec(sleepy_spec(study_name, epochs=2))
     assert _launch(spec_path, sqlite_url, "--n-trials", "1", "--workers", "1").returncode == 0
-    changed = base_spec(study_name, epochs=2, direction="maximize")
+    changed = sleepy_spec(study_name, epochs=2, direction="maximize")
     result = _launch(write_spec(changed, "changed.yaml"), sqlite_url, "--workers", "1")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(
