@@ -166,7 +166,8 @@ def _count(pruner: optuna.pruners.BasePruner, memory: optuna.Study, told: Frozen
     its own finished trials (`PeerFeed.add_own`): the replay then compares each trial with
     every one before it, as the study's single worker did, not with a view up to
     `refresh_every` decisions old."""
-    peers = getattr(getattr(pruner, "cache", None), "cached", lambda _: None)(memory)
+    cache = getattr(pruner, "cache", None)  # this package's pruners; Optuna's have none
+    peers = cache.cached(memory) if cache is not None else None
     if peers is not None:
         peers.add([told])
 
