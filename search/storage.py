@@ -81,11 +81,14 @@ def open_storage(
     grace_period: int | None = None,
     stale_trial_callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
     connect_timeout: float | None = None,
+    create: bool = True,
 ) -> ResilientRDBStorage:
     """Open the storage at `url`, retrying with backoff while the server is starting.
 
     A refused or timed-out connection is retried for `connect_timeout` seconds (default
     `SEARCH_CONNECT_TIMEOUT` or 30); bad credentials or a missing database fail at once.
+    `create=False` (a worker, which only joins a study): a missing SQLite file is an error,
+    not a new empty database.
 
     Raises:
         StorageError: the database cannot be reached or used; the message names host, port
@@ -106,7 +109,7 @@ def open_storage(
     engine_kwargs: dict[str, Any] = {}
     engine_kwargs.update(pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_timeout=60)
     if backend == "sqlite":
-        _prepare_sqlite(url)
+        _prepare_sqlite(url, create=create)
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
         # Named per process, so an operator (or a test) sees which worker holds a connection.
@@ -161,11 +164,13 @@ def _initialize_schema(engine_url: str, connect_args: dict[str, Any]) -> None:
         engine.dispose()
 
 
-def _prepare_sqlite(url: str) -> None:
+def _prepare_sqlite(url: str, *, create: bool) -> None:
     database = make_url(url).database
     if not database or database == ":memory:":
         return
     path = Path(database)
+    if not create and not path.is_file():
+        raise _missing_sqlite_file(url, database)
     if path.parent and not path.parent.exists():
         raise StorageError(
             f"cannot create SQLite file {path}: folder {path.parent} does not exist"
@@ -175,6 +180,13 @@ def _prepare_sqlite(url: str) -> None:
             connection.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error as e:
         raise StorageError(f"cannot open SQLite file {path}: {e}") from e
+
+
+def _missing_sqlite_file(url: str, database: str | None) -> StorageError:
+    return StorageError(
+        f"no SQLite file {database or ':memory:'}: check the path in {mask_url(url)!r} "
+        "(nothing was created)"
+    )
 
 
 def _is_fatal(reason: str) -> bool:
@@ -254,10 +266,7 @@ def open_storage_read_only(url: str) -> optuna.storages.RDBStorage:
     if backend == "sqlite":
         database = parsed.database
         if not database or database == ":memory:" or not Path(database).is_file():
-            raise StorageError(
-                f"no SQLite file {database or ':memory:'}: check the path in "
-                f"{mask_url(url)!r} (nothing was created)"
-            )
+            raise _missing_sqlite_file(url, database)
         path = urllib.parse.quote(str(Path(database).resolve()))  # a URI: spaces, #, ? escaped
         engine_url = engine_url.set(database=f"file:{path}?mode=ro", query={"uri": "true"})
         engine_kwargs["connect_args"] = {"timeout": 60}

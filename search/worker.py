@@ -88,7 +88,7 @@ class Worker:
         self.recycle = recycle  # exit for a fresh process after out-of-memory (a launcher's)
         # Optuna warns that heartbeats are meant for Study.optimize; this worker runs its own.
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-        self.storage = open_storage(storage_url)
+        self.storage = open_storage(storage_url, create=False)  # it joins a study
         self.study, spec = load_study(study_name, self.storage)
         self.spec: StudySpec = spec
         self.storage.heartbeat_interval = spec.workers.heartbeat_interval

@@ -65,6 +65,20 @@ def test_unknown_study_exits_2(sqlite_url: str) -> None:
     assert "no study 'nope'" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["worker", "resume"])
+def test_a_mistyped_sqlite_path_is_an_error_and_creates_nothing(
+        tmp_path: Path, command: str) -> None:
+    """A worker or a resume joins an existing study: a SQLite path that names no file is
+    a one-line error (exit 2), not a new empty database beside the real one."""
+    missing = tmp_path / "studdy.db"
+    result = runner.invoke(app, [command, "digits-mlp", "--storage", f"sqlite:///{missing}"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"Error: no SQLite file {missing}: check the path in 'sqlite:///{missing}' "
+        "(nothing was created)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_create_then_status(sqlite_url: str, study_name: str, write_spec) -> None:
     path = write_spec(base_spec(study_name))
     created = runner.invoke(app, ["create", str(path), "--storage", sqlite_url, "--n-trials", "9"])
