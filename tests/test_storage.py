@@ -146,14 +146,15 @@ def new_database(pg_url: str):
     import uuid
 
     import sqlalchemy
+    from conftest import _create_database
 
     from search.storage import normalize_url
 
-    admin = sqlalchemy.create_engine(normalize_url(pg_url), isolation_level="AUTOCOMMIT")
     database = f"new_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as connection:
-        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{database}"'))
-    yield make_url(pg_url).set(database=database).render_as_string(hide_password=False)
+    url = make_url(pg_url).set(database=database).render_as_string(hide_password=False)
+    _create_database(url)
+    yield url
+    admin = sqlalchemy.create_engine(normalize_url(pg_url), isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
     admin.dispose()
