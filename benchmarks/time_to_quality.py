@@ -231,6 +231,14 @@ def wilcoxon(a: list[float], b: list[float]) -> float:
     return float(test(a, b).pvalue)
 
 
+def prepare() -> None:
+    """Quiet Optuna and warnings, one torch thread, and the datasets with synthetic4."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    trainable.load_dataset = load  # type: ignore[assignment]  # adds synthetic4
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20)
@@ -254,10 +262,7 @@ def main() -> None:
             parser.error(f"--summarize {args.summarize}: not a readable --json file ({e})")
         Console(width=160).print(summary(saved, "saved in " + str(args.summarize)))
         return
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    trainable.load_dataset = load  # type: ignore[assignment]  # adds synthetic4
+    prepare()
     results: dict[str, Any] = {}
     for task in args.tasks.split(","):
         rows = []

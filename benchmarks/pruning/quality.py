@@ -269,6 +269,8 @@ def main() -> None:
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message=".*WilcoxonPruner will not prune")
     chosen = studies(args.curves, args.epochs, args.studies)
+    if not chosen:
+        parser.error(f"--curves {args.curves}: no pool of {TRIALS} or more curves (*.npz)")
     results = run(chosen, args.epochs)
     title = (
         f"time to quality: {len(chosen)} studies of {TRIALS} recorded curves x {args.epochs}"
