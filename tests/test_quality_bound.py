@@ -56,3 +56,10 @@ def test_a_trial_of_quality_that_is_not_the_studys_best_is_not_the_winner() -> N
 def test_time_to_quality_counts_every_epoch_up_to_the_trial_that_reaches_it() -> None:
     assert quality.to_quality([15, 3, 15, 1], [0.8, 0.8, 0.95, 0.95], 0.9) == 33
     assert quality.to_quality([15, 3], [0.8, 0.8], 0.9) == 18  # never: the whole study
+
+
+def test_the_oracle_that_kills_no_top_curve_runs_every_top_curve_before_the_winner() -> None:
+    # the 4th trial is the best curve: kept, it still comes after the winner (the 3rd);
+    # keeping the top 3 also runs the first trial (0.8) in full, not the NaN one
+    assert quality.oracle(FOUR, 0.9, 0, keep=1) == 1 + 1 + 2
+    assert quality.oracle(FOUR, 0.9, 0, keep=3) == 3 + 1 + 2
