@@ -43,6 +43,7 @@ from optuna.trial import TrialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "pruning"))
+from quality import perfect_verdict
 from time_to_quality import SPEC, prepare, target_of
 
 from search import space, trainable
@@ -54,7 +55,7 @@ def oracle_study(
 ) -> dict[str, Any]:
     """Epochs an oracle pruner spends until the study's best trial meets `target`."""
     study = optuna.create_study(sampler=make_sampler(SPEC, seed=seed))
-    spent, best, quality = 0, math.inf, math.nan
+    spent, best = 0, math.inf
     for number in range(trials):
         trial = study.ask()
         params = space.suggest(trial, SPEC)
@@ -71,23 +72,25 @@ def oracle_study(
             epochs=epochs,
             seed=seed,
         )
-        finite = [(i, r) for i, r in enumerate(rows) if math.isfinite(r["val_loss"])]
-        at, row = min(finite, key=lambda f: f[1]["val_loss"]) if finite else (len(rows), {})
-        good = bool(row) and row["val_accuracy"] >= target and row["val_loss"] < best
-        if number < startup or good:
-            spent += at + 1 if good else len(rows)
-            if row:
-                study.tell(trial, row["val_loss"])
-                if row["val_loss"] < best:
-                    best, quality = row["val_loss"], row["val_accuracy"]
-            else:
-                study.tell(trial, state=TrialState.FAIL)
+        charged, value, won = perfect_verdict(
+            [r["val_loss"] for r in rows],
+            [r["val_accuracy"] for r in rows],
+            len(rows),  # the trainer stops at the first non-finite epoch
+            target=target,
+            best=best,
+            judged=number >= startup,
+        )
+        spent += charged
+        if math.isfinite(value):
+            study.tell(trial, value)
+            best = min(best, value)
+        elif number < startup:
+            study.tell(trial, state=TrialState.FAIL)
         else:
-            spent += 1
             if rows and math.isfinite(rows[0]["val_loss"]):
                 trial.report(rows[0]["val_loss"], 1)
             study.tell(trial, state=TrialState.PRUNED)
-        if math.isfinite(quality) and quality >= target:
+        if won:
             return {"epochs": spent, "trials": number + 1, "reached": True}
     return {"epochs": spent, "trials": trials, "reached": False}
 

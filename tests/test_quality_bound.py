@@ -63,3 +63,12 @@ def test_the_oracle_that_kills_no_top_curve_runs_every_top_curve_before_the_winn
     # keeping the top 3 also runs the first trial (0.8) in full, not the NaN one
     assert quality.oracle(FOUR, 0.9, 0, keep=1) == 1 + 1 + 2
     assert quality.oracle(FOUR, 0.9, 0, keep=3) == 3 + 1 + 2
+
+
+def test_an_unjudged_trial_is_charged_up_to_its_first_non_finite_metric_of_any_kind() -> None:
+    # training goes NaN at epoch 2 (the trainer stops there), the recorded val_loss later
+    val = np.array([[1.0, 0.9, NAN], [1.0, 0.5, 0.4]])
+    train = np.array([[1.0, NAN, NAN], [1.0, 0.5, 0.4]])
+    pool = replay.Pool("hand", 2, val, train, np.ones_like(val), [{"lr": 0.1}] * 2)
+    accuracy = np.array([[0.5, 0.6, NAN], [0.5, 0.9, 0.95]])
+    assert quality.oracle(quality.Study(pool, accuracy), 0.9, 1) == 2 + 3  # not 3 + 3

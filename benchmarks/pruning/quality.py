@@ -135,24 +135,47 @@ def trace(study: Study, make: Callable[[], Any], *, last: bool) -> Trace:
     return Trace(epochs, qualities, replayed.score(pool, stops)["top5"])
 
 
+def perfect_verdict(
+    val: Sequence[float],
+    accuracy: Sequence[float],
+    ran: int,
+    *,
+    target: float,
+    best: float,
+    judged: bool,
+) -> tuple[int, float, bool]:
+    """What a perfect-foresight pruner does with one trial that runs `ran` epochs unless
+    stopped (to its first non-finite epoch): the epochs it charges, the value the trial is
+    recorded with (inf: pruned, or nothing finite), and whether it is the study's first trial
+    of quality (a new study best at `target` accuracy, run only to its best epoch). A trial
+    it cannot judge (`judged` False: no complete peers yet) runs in full; any other loser
+    costs one epoch."""
+    finite = [v if math.isfinite(v) else math.inf for v in val[:ran]]
+    at = min(range(len(finite)), key=finite.__getitem__) if finite else 0
+    value = finite[at] if finite else math.inf
+    if value < best and accuracy[at] >= target:
+        return at + 1, value, True
+    if not judged:
+        return ran, value, False
+    return 1, math.inf, False
+
+
 def oracle(study: Study, target: float, startup: int, *, keep: int = 0) -> int:
     """Epochs a perfect-foresight pruner with `startup` unjudged trials spends to quality;
     with `keep`, it also runs the study's `keep` best curves in full (it kills none of them)."""
-    best_values = np.where(np.isfinite(study.pool.val), study.pool.val, np.inf).min(axis=1)
-    kept = set(np.argsort(best_values)[:keep].tolist())
+    pool = study.pool
+    kept = set(np.argsort(pool.best)[:keep].tolist())
+    ran = np.minimum(pool.first_bad, pool.val.shape[1])
     spent, best = 0, math.inf
-    for i, (val, accuracy) in enumerate(zip(study.pool.val, study.accuracy, strict=True)):
-        finite = np.where(np.isfinite(val), val, np.inf)
-        at = int(np.argmin(finite))
-        good = math.isfinite(finite[at]) and accuracy[at] >= target and finite[at] < best
-        if good:
-            return spent + at + 1
-        if i < startup or i in kept:
-            bad = ~np.isfinite(val)
-            spent += int(bad.argmax()) + 1 if bad.any() else len(val)
-            best = min(best, float(finite[at]))
-        else:
-            spent += 1
+    for i, (val, accuracy) in enumerate(zip(pool.val, study.accuracy, strict=True)):
+        judged = i >= startup and i not in kept
+        charged, value, won = perfect_verdict(
+            val, accuracy, int(ran[i]), target=target, best=best, judged=judged
+        )
+        spent += charged
+        if won:
+            return spent
+        best = min(best, value)
     return spent
 
 
@@ -193,14 +216,8 @@ def studies(folder: Path, epochs: int, draws: int) -> list[Study]:
             for draw in range(draws):
                 chosen = np.random.default_rng(1000 + draw).permutation(members)[:TRIALS]
                 pick = curves[chosen]
-                pool = replayed.Pool(
-                    f"{path.stem}/{part}",
-                    int(data["classes"]),
-                    pick[:, metrics.index("val_loss")],
-                    pick[:, metrics.index("train_loss")],
-                    pick[:, metrics.index("grad_norm")],
-                    [params[i] for i in chosen],
-                )
+                name, classes = f"{path.stem}/{part}", int(data["classes"])
+                pool = replayed.Pool.of(name, classes, pick, metrics, [params[i] for i in chosen])
                 out.append(Study(pool, pick[:, metrics.index("val_accuracy")]))
     return out
 

@@ -56,6 +56,8 @@ TOP = 5
 PARTS = {"tuning": 0, "held-out": 1, "fresh held-out": 2}
 PARTS |= {f"fresh-{part - 1}": part for part, _ in list(FRESH.values())[1:]}  # *-c, *-d, ...
 MODES = {"full": ("train_loss", "grad_norm", "lr"), "metric-only": ()}
+#: the recorded metrics a `Pool` keeps, in its field order
+METRICS = ("val_loss", "train_loss", "grad_norm")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,20 @@ class Pool:
     train: np.ndarray
     grad: np.ndarray
     params: list[dict[str, Any]]
+
+    @classmethod
+    def of(
+        cls,
+        task: str,
+        classes: int,
+        curves: np.ndarray,
+        metrics: list[str],
+        params: list[dict[str, Any]],
+    ) -> Pool:
+        """A pool from a curve file's arrays: `curves` [curve, metric, epoch] in the order
+        of `metrics`."""
+        val, train, grad = (curves[:, metrics.index(m)] for m in METRICS)
+        return cls(task, classes, val, train, grad, params)
 
     @property
     def best(self) -> np.ndarray:
@@ -137,16 +153,7 @@ def load_pools(folder: Path, part: int) -> list[Pool]:
             continue
         curves = data["curves"][chosen].astype(np.float64)[:, :, :EPOCHS]
         params = [p for p, c in zip(json.loads(str(data["params"])), chosen, strict=True) if c]
-        pools.append(
-            Pool(
-                path.stem,
-                int(data["classes"]),
-                curves[:, metrics.index("val_loss")],
-                curves[:, metrics.index("train_loss")],
-                curves[:, metrics.index("grad_norm")],
-                params,
-            )
-        )
+        pools.append(Pool.of(path.stem, int(data["classes"]), curves, metrics, params))
     return pools
 
 
