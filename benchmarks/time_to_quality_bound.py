@@ -101,15 +101,19 @@ def main() -> None:
     parser.add_argument(
         "--startup", default="5,3,2,1,0", help="comma-separated counts of unjudged trials"
     )
-    parser.add_argument("--trials", type=int, default=30)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--tasks", default="digits,breast_cancer,synthetic4")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--trials", type=int, default=30, help="trials a study (its budget)")
+    parser.add_argument("--epochs", type=int, default=15, help="epochs a trial")
+    parser.add_argument(
+        "--tasks", default="digits,breast_cancer,synthetic4", help="comma-separated, in --against"
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     try:
         startups = [int(s) for s in args.startup.split(",")]
     except ValueError:
         parser.error(f"--startup must be comma-separated integers, but got {args.startup!r}")
+    if args.trials < 1 or args.epochs < 1:
+        parser.error(f"--trials and --epochs must be >= 1, but got {args.trials}, {args.epochs}")
     if any(s < 0 for s in startups):
         parser.error(f"--startup must be >= 0, but got {args.startup!r}")
     try:

@@ -283,7 +283,9 @@ def table(title: str, results: dict[str, dict[str, float]]) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--curves", type=Path, default=HERE / "curves")
+    parser.add_argument(
+        "--curves", type=Path, default=HERE / "curves", help="folder of make_curves.py files"
+    )
     parser.add_argument("--studies", type=int, default=3, help="random studies per pool")
     parser.add_argument("--epochs", type=int, default=15, help="the first N epochs")
     parser.add_argument("--json", type=Path, help="also write the figures here")
